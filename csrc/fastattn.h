@@ -1,0 +1,116 @@
+/*
+ * fastattn C kernels: the one header every csrc/*.c file and both Cython
+ * modules include.
+ *
+ * Shapes use one notation across the project:
+ *   [n_seq, n_embd]        activations, row-major
+ *   [n_out, n_in]          weight matrices as stored (rows are output features)
+ *   [n_kv_head, n_ctx, head_dim]  one layer's K or V cache
+ *
+ * Threading: every kernel that can split its work takes (ith, nth), the
+ * calling thread's index and the thread count, and does only its own share.
+ * Shares are whole output rows (products, norms) or whole heads (attention),
+ * so a result never depends on nth.  A kernel never opens a parallel region
+ * itself: the caller opens one (the whole decode step runs inside a single
+ * region) and puts barriers between dependent steps.  fa_parallel_* helpers
+ * below open a region around one kernel, for tests and one-off calls.
+ */
+#ifndef FASTATTN_H
+#define FASTATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---------------------------------------------------------------- types */
+
+/* Storage types; the values are ggml's type ids. */
+enum fa_type {
+    FA_F32 = 0,
+    FA_F16 = 1,
+    FA_Q4_0 = 2,
+    FA_Q4_1 = 3,
+    FA_Q8_0 = 8,
+    FA_BF16 = 30,
+};
+
+/* A weight in its file's storage form: n_out rows of row_bytes each. */
+typedef struct {
+    const void *data;
+    int type;          /* enum fa_type */
+    int64_t n_out;
+    int64_t n_in;
+    size_t row_bytes;  /* == fa_row_bytes(type, n_in) */
+} fa_weight;
+
+/* Bytes one row of n_in values takes in `type`; 0 if the type is unknown or
+ * n_in is not a positive multiple of its block size. */
+size_t fa_row_bytes(int type, int64_t n_in);
+
+/* ------------------------------------------------------- SIMD dispatch */
+
+enum fa_simd { FA_SIMD_GENERIC = 0, FA_SIMD_AVX2 = 1, FA_SIMD_AVX512 = 2 };
+
+/* The level in use: the best the CPU supports, capped by the environment
+ * variable FASTATTN_SIMD ("generic", "avx2", "avx512") read at first use. */
+int fa_simd_level(void);
+/* Force a level (capped at what the CPU supports); returns the level set. */
+int fa_set_simd_level(int level);
+const char *fa_simd_name(int level);
+
+/* ------------------------------------------------------------- kernels */
+
+/* y[s, r] = sum_i W[r, i] * x[s, i]  for this thread's rows r.
+ * x [n_seq, n_in], y [n_seq, n_out].  Each y element is computed by the same
+ * sequence of operations whatever n_seq, ith and nth are, so a prefill and a
+ * decode of the same token give bit-identical products. */
+void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
+               int ith, int nth);
+
+/* out[i] = W[row, i] as float32, i < n_in (embedding lookup). */
+void fa_dequant_row(const fa_weight *w, int64_t row, float *out);
+
+/* y = (x - mean) / sqrt(var + eps) * g + b, per row.  x, y [n_seq, n]; b may be NULL. */
+void fa_layer_norm(const float *x, const float *g, const float *b, float *y,
+                   int64_t n_seq, int64_t n, float eps, int ith, int nth);
+
+/* y = x / sqrt(mean(x^2) + eps) * g, per row.  x, y [n_seq, n]. */
+void fa_rms_norm(const float *x, const float *g, float *y,
+                 int64_t n_seq, int64_t n, float eps, int ith, int nth);
+
+/* x := 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place, n values. */
+void fa_gelu(float *x, int64_t n, int ith, int nth);
+
+/* gate := silu(gate) * up, n values; silu(z) = z / (1 + exp(-z)). */
+void fa_swiglu(float *gate, const float *up, int64_t n, int ith, int nth);
+
+/* x := x + b per row.  x [n_seq, n], b [n]. */
+void fa_add_bias(float *x, const float *b, int64_t n_seq, int64_t n, int ith, int nth);
+
+/* Rotary embedding in place.  x [n_seq, n_head * head_dim]; row s is at
+ * position pos0 + s.  Pair i of a head (i < head_dim / 2) turns by angle
+ * pos * theta^(-2i / head_dim).  neox = 0 pairs adjacent values (2i, 2i+1),
+ * as GGUF llama files expect; neox = 1 pairs (i, i + head_dim/2), as Hugging
+ * Face checkpoints expect. */
+void fa_rope(float *x, int64_t n_seq, int n_head, int head_dim, int64_t pos0,
+             float theta, int neox, int ith, int nth);
+
+/* Causal attention of n_seq queries over a KV cache, for this thread's heads.
+ *   q      [n_seq, n_head * head_dim], query s at position pos0 + s
+ *   k, v   [n_kv_head, n_ctx, head_dim], positions 0 .. pos0 + n_seq - 1 filled
+ *   out    [n_seq, n_head * head_dim]
+ *   scratch  nth * (pos0 + n_seq) floats; thread ith uses its own slice
+ * Query head h reads KV head h / (n_head / n_kv_head).  Query s attends to
+ * positions 0 .. pos0 + s: out = softmax(q k^T / sqrt(head_dim)) v, with the
+ * max subtracted before exp.  Decode is the case n_seq = 1. */
+void fa_attention(const float *q, const float *k, const float *v, float *out,
+                  int64_t n_seq, int64_t pos0, int n_head, int n_kv_head, int head_dim,
+                  int64_t n_ctx, float *scratch, int ith, int nth);
+
+/* One-kernel wrappers that open their own OpenMP region of n_threads. */
+void fa_parallel_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
+                        int n_threads);
+void fa_parallel_attention(const float *q, const float *k, const float *v, float *out,
+                           int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
+                           int head_dim, int64_t n_ctx, int n_threads);
+
+#endif
