@@ -41,6 +41,11 @@ extensions = [
     extension("fastattn._engine", "fastattn/_engine.pyx"),
     extension("fastattn._bpe", "fastattn/_bpe.pyx", with_c=False),
 ]
+# For development: FASTATTN_EXTENSIONS=_bpe,_engine builds only those modules.
+only = os.environ.get("FASTATTN_EXTENSIONS")
+if only:
+    wanted = {"fastattn." + name.strip() for name in only.split(",")}
+    extensions = [ext for ext in extensions if ext.name in wanted]
 
 setup(
     ext_modules=cythonize(
