@@ -1,0 +1,28 @@
+"""Shared fixtures.
+
+Tests that need the real SmolLM2-135M-Instruct file are marked `model`.  They
+find it at $FASTATTN_TEST_MODEL, else in fastattn's cache (put there by
+`fastattn download`), and skip with the reason when it is in neither place.
+"""
+import os
+
+import pytest
+
+
+def find_test_model():
+    path = os.environ.get("FASTATTN_TEST_MODEL")
+    if path:
+        return path if os.path.exists(path) else None
+    try:
+        from fastattn.download import default_model_path
+        return str(default_model_path(download=False))
+    except Exception:
+        return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    path = find_test_model()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not found: run `fastattn download` or set FASTATTN_TEST_MODEL")
+    return path
