@@ -1,0 +1,87 @@
+/*
+ * Private to the kernel files: the per-SIMD-level kernel table and the small
+ * helpers every level shares.  Not part of the contract in fastattn.h.
+ */
+#ifndef FA_INTERNAL_H
+#define FA_INTERNAL_H
+
+#include <string.h>
+#include "fastattn.h"
+
+/* Most x rows one dot kernel applies a weight row to at once.  Every level's
+ * kernel computes each of its rows with exactly the operations it would use
+ * for that row alone, so the group size never changes a result. */
+#define FA_MAX_ROWS 4
+
+/* y[s * ldy] = dot(W row, x[s * ldx .. + n_in])  for s < nr, 1 <= nr <= FA_MAX_ROWS.
+ * wrow holds one row of n_in values in the kernel's storage type. */
+typedef void (*fa_dot_fn)(const void *wrow, const float *x, int64_t ldx, int nr,
+                          int64_t n_in, float *y, int64_t ldy);
+
+/* One SIMD level's kernels; a NULL dot means the type is not supported. */
+typedef struct {
+    fa_dot_fn dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0, dot_q4_1;
+    int max_rows;  /* rows the level's kernels take at once, <= FA_MAX_ROWS */
+    /* attention inner loops over one head: y := sum_i a[i] * b[i]; y += a * x */
+    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*axpy)(float *y, float a, const float *x, int64_t n);
+} fa_kernels;
+
+extern const fa_kernels fa_kernels_generic;
+extern const fa_kernels fa_kernels_avx2;
+extern const fa_kernels fa_kernels_avx512;
+
+/* The table of the level now in use. */
+const fa_kernels *fa_kernels_current(void);
+fa_dot_fn fa_dot_for(const fa_kernels *k, int type);
+
+/* Block sizes of the quantized types: values and bytes per block. */
+#define FA_QK 32
+#define FA_Q8_0_BYTES 34
+#define FA_Q4_0_BYTES 18
+#define FA_Q4_1_BYTES 20
+
+/* IEEE half -> float, exact for every input (subnormals, inf, nan). */
+static inline float fa_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f) {                       /* inf or nan */
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {                   /* normal */
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {                   /* signed zero */
+        bits = sign;
+    } else {                                 /* subnormal: renormalize */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float fa_bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t fa_read_u16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* The half-open share [*lo, *hi) of n items that thread ith of nth owns. */
+static inline void fa_share(int64_t n, int ith, int nth, int64_t *lo, int64_t *hi) {
+    if (nth < 1) nth = 1;
+    if (ith < 0 || ith >= nth) { *lo = *hi = 0; return; }
+    *lo = n * ith / nth;
+    *hi = n * (ith + 1) / nth;
+}
+
+#endif

@@ -1,0 +1,399 @@
+# cython: language_level=3
+"""Python entry points to the C kernels in csrc/, for tests and benchmarks.
+
+Each wrapper checks types, dtypes, shapes and contiguity before it touches a
+pointer, raises ValueError (or a fastattn error) naming the argument and the
+value at fault, and releases the GIL around the C call.  Results are new
+float32 arrays; inputs are never modified.
+
+    >>> import numpy as np
+    >>> from fastattn import _kernels, weights
+    >>> w = weights.WeightTensor.from_float(np.eye(32, dtype=np.float32), weights.Q8_0)
+    >>> _kernels.matmul(w, np.ones((1, 32), np.float32))[0, :3]
+    array([1., 1., 1.], dtype=float32)
+
+Shapes: x [n_seq, n_in], W [n_out, n_in], y [n_seq, n_out];
+q, out [n_seq, n_head * head_dim]; k_cache, v_cache [n_kv_head, n_ctx, head_dim].
+"""
+import os
+
+import numpy as np
+
+cimport numpy as cnp
+cimport openmp
+from cython.parallel cimport parallel
+from libc.stdint cimport int64_t, uint8_t
+
+from .errors import UnsupportedError
+from .weights import TYPES, type_name
+
+cnp.import_array()
+
+
+cdef extern from "fastattn.h" nogil:
+    ctypedef struct fa_weight:
+        const void *data
+        int type
+        int64_t n_out
+        int64_t n_in
+        size_t row_bytes
+
+    size_t fa_row_bytes(int type, int64_t n_in)
+    int fa_simd_level()
+    int fa_set_simd_level(int level)
+    const char *fa_simd_name(int level)
+
+    void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
+                   int ith, int nth)
+    void fa_dequant_row(const fa_weight *w, int64_t row, float *out)
+    void fa_layer_norm(const float *x, const float *g, const float *b, float *y,
+                       int64_t n_seq, int64_t n, float eps, int ith, int nth)
+    void fa_rms_norm(const float *x, const float *g, float *y,
+                     int64_t n_seq, int64_t n, float eps, int ith, int nth)
+    void fa_gelu(float *x, int64_t n, int ith, int nth)
+    void fa_swiglu(float *gate, const float *up, int64_t n, int ith, int nth)
+    void fa_add_bias(float *x, const float *b, int64_t n_seq, int64_t n, int ith, int nth)
+    void fa_rope(float *x, int64_t n_seq, int n_head, int head_dim, int64_t pos0,
+                 float theta, int neox, int ith, int nth)
+    void fa_attention(const float *q, const float *k, const float *v, float *out,
+                      int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
+                      int head_dim, int64_t n_ctx, float *scratch, int ith, int nth)
+    void fa_parallel_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
+                            int n_threads)
+
+SIMD_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
+
+# ------------------------------------------------------------------ checks
+
+
+cdef int _threads(n_threads) except -1:
+    """n_threads, defaulting to os.cpu_count(); must be a positive int."""
+    if n_threads is None:
+        return os.cpu_count() or 1
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
+        raise ValueError(f"n_threads: expected a positive int, got {n_threads!r}")
+    if n_threads < 1 or n_threads > 1024:
+        raise ValueError(f"n_threads: expected 1 .. 1024, got {n_threads}")
+    return n_threads
+
+
+cdef cnp.ndarray _f32(a, str name, int ndim):
+    """Check that `a` is a C-contiguous float32 ndarray of ndim dimensions."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy float32 array, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise ValueError(f"{name}: expected dtype float32, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: array must be C-contiguous")
+    return a
+
+
+cdef int _as_int(v, str name, lo, hi=None) except? -1:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name}: expected an int, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name}: {v} is out of range [{lo}, {hi if hi is not None else ''}]")
+    return v
+
+
+cdef class _Weight:
+    """A checked fa_weight view that keeps its byte buffer alive."""
+    cdef fa_weight w
+    cdef object data
+    cdef str name
+
+    def __init__(self, w):
+        if isinstance(w, tuple) and len(w) == 3:
+            data, qtype, shape = w
+            name = "weight"
+        elif hasattr(w, "data") and hasattr(w, "qtype") and hasattr(w, "shape"):
+            data, qtype, shape = w.data, w.qtype, w.shape
+            name = getattr(w, "name", "") or "weight"
+        else:
+            raise ValueError("weight: expected a WeightTensor or a (data, qtype, shape) "
+                             f"tuple, got {type(w).__name__}")
+        self.name = name
+        if isinstance(qtype, bool) or not isinstance(qtype, (int, np.integer)) \
+                or int(qtype) not in TYPES:
+            raise UnsupportedError(f"{name}: tensor type {qtype!r} is not supported "
+                                   f"(supported: {', '.join(n for n, _, _ in TYPES.values())})")
+        try:
+            shape = tuple(int(s) for s in shape)
+        except TypeError:
+            raise ValueError(f"{name}: shape must be a tuple of ints, got {shape!r}")
+        if len(shape) == 1:
+            shape = (1,) + shape
+        if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"{name}: expected shape (n_out, n_in) with both >= 1, "
+                             f"got {shape}")
+        cdef size_t rb = fa_row_bytes(int(qtype), shape[1])
+        if rb == 0:
+            raise ValueError(f"{name}: row length {shape[1]} is not a positive multiple "
+                             f"of the {type_name(int(qtype))} block size")
+        if not isinstance(data, np.ndarray):
+            raise ValueError(f"{name}: data must be a numpy array, got {type(data).__name__}")
+        if not data.flags.c_contiguous:
+            raise ValueError(f"{name}: data must be C-contiguous")
+        if data.nbytes != shape[0] * rb:
+            raise ValueError(f"{name}: data holds {data.nbytes} bytes, shape {shape} of "
+                             f"{type_name(int(qtype))} needs {shape[0] * rb}")
+        self.data = data
+        self.w.data = cnp.PyArray_DATA(<cnp.ndarray>data)
+        self.w.type = int(qtype)
+        self.w.n_out = shape[0]
+        self.w.n_in = shape[1]
+        self.w.row_bytes = rb
+
+
+# ---------------------------------------------------------------- products
+
+
+def matmul(w, x, n_threads=None):
+    """y = x W^T.  w: WeightTensor or (data, qtype, (n_out, n_in));
+    x [n_seq, n_in] (or [n_in]) float32 -> y [n_seq, n_out] (or [n_out])."""
+    cdef _Weight wt = _Weight(w)
+    cdef int nt = _threads(n_threads)
+    squeeze = isinstance(x, np.ndarray) and x.ndim == 1
+    cdef cnp.ndarray xa = _f32(x[None, :] if squeeze else x, "x", 2)
+    if xa.shape[1] != wt.w.n_in:
+        raise ValueError(f"x: has {xa.shape[1]} columns, {wt.name} has n_in = {wt.w.n_in}")
+    if xa.shape[0] < 1:
+        raise ValueError("x: needs at least one row (n_seq >= 1)")
+    cdef int64_t n_seq = xa.shape[0]
+    cdef cnp.ndarray y = np.empty((n_seq, wt.w.n_out), dtype=np.float32)
+    cdef const float *px = <const float *>cnp.PyArray_DATA(xa)
+    cdef float *py = <float *>cnp.PyArray_DATA(y)
+    with nogil:
+        fa_parallel_matmul(&wt.w, px, py, n_seq, nt)
+    return y[0] if squeeze else y
+
+
+def dequant_row(w, row):
+    """W[row, :] as float32 [n_in]."""
+    cdef _Weight wt = _Weight(w)
+    cdef int64_t r = _as_int(row, "row", 0, wt.w.n_out - 1)
+    cdef cnp.ndarray out = np.empty(wt.w.n_in, dtype=np.float32)
+    cdef float *po = <float *>cnp.PyArray_DATA(out)
+    with nogil:
+        fa_dequant_row(&wt.w, r, po)
+    return out
+
+
+# ------------------------------------------------------------------- norms
+
+
+def _vector(v, str name, int64_t n):
+    cdef cnp.ndarray a = _f32(v, name, 1)
+    if a.shape[0] != n:
+        raise ValueError(f"{name}: expected length {n}, got {a.shape[0]}")
+    return a
+
+
+def layer_norm(x, g, b=None, eps=1e-5, n_threads=None):
+    """y = (x - mean) / sqrt(var + eps) * g + b per row; x [n_seq, n]."""
+    cdef int nt = _threads(n_threads)
+    cdef cnp.ndarray xa = _f32(x, "x", 2)
+    cdef int64_t n_seq = xa.shape[0], n = xa.shape[1]
+    cdef cnp.ndarray ga = _vector(g, "g", n)
+    cdef cnp.ndarray ba = _vector(b, "b", n) if b is not None else None
+    cdef cnp.ndarray y = np.empty_like(xa)
+    cdef float feps = float(eps)
+    cdef const float *px = <const float *>cnp.PyArray_DATA(xa)
+    cdef const float *pg = <const float *>cnp.PyArray_DATA(ga)
+    cdef const float *pb = <const float *>cnp.PyArray_DATA(ba) if ba is not None else NULL
+    cdef float *py = <float *>cnp.PyArray_DATA(y)
+    if n_seq == 0 or n == 0:
+        return y
+    with nogil, parallel(num_threads=nt):
+        fa_layer_norm(px, pg, pb, py, n_seq, n, feps,
+                      openmp.omp_get_thread_num(), openmp.omp_get_num_threads())
+    return y
+
+
+def rms_norm(x, g, eps=1e-5, n_threads=None):
+    """y = x / sqrt(mean(x^2) + eps) * g per row; x [n_seq, n]."""
+    cdef int nt = _threads(n_threads)
+    cdef cnp.ndarray xa = _f32(x, "x", 2)
+    cdef int64_t n_seq = xa.shape[0], n = xa.shape[1]
+    cdef cnp.ndarray ga = _vector(g, "g", n)
+    cdef cnp.ndarray y = np.empty_like(xa)
+    cdef float feps = float(eps)
+    cdef const float *px = <const float *>cnp.PyArray_DATA(xa)
+    cdef const float *pg = <const float *>cnp.PyArray_DATA(ga)
+    cdef float *py = <float *>cnp.PyArray_DATA(y)
+    if n_seq == 0 or n == 0:
+        return y
+    with nogil, parallel(num_threads=nt):
+        fa_rms_norm(px, pg, py, n_seq, n, feps,
+                    openmp.omp_get_thread_num(), openmp.omp_get_num_threads())
+    return y
+
+
+# ------------------------------------------------------------- activations
+
+
+def _contiguous_copy(x, str name):
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise ValueError(f"{name}: expected a numpy float32 array, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name}: array must be C-contiguous")
+    return x.copy()
+
+
+def gelu(x, n_threads=None):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), any shape."""
+    cdef int nt = _threads(n_threads)
+    cdef cnp.ndarray y = _contiguous_copy(x, "x")
+    cdef int64_t n = y.size
+    cdef float *py = <float *>cnp.PyArray_DATA(y)
+    if n == 0:
+        return y
+    with nogil, parallel(num_threads=nt):
+        fa_gelu(py, n, openmp.omp_get_thread_num(), openmp.omp_get_num_threads())
+    return y
+
+
+def swiglu(gate, up, n_threads=None):
+    """silu(gate) * up, silu(z) = z / (1 + exp(-z)); gate and up of one shape."""
+    cdef int nt = _threads(n_threads)
+    cdef cnp.ndarray y = _contiguous_copy(gate, "gate")
+    if not isinstance(up, np.ndarray) or up.dtype != np.float32 \
+            or not up.flags.c_contiguous:
+        raise ValueError("up: expected a C-contiguous numpy float32 array")
+    if up.shape != gate.shape:
+        raise ValueError(f"up: shape {up.shape} differs from gate's {gate.shape}")
+    cdef cnp.ndarray ua = up
+    cdef int64_t n = y.size
+    cdef float *py = <float *>cnp.PyArray_DATA(y)
+    cdef const float *pu = <const float *>cnp.PyArray_DATA(ua)
+    if n == 0:
+        return y
+    with nogil, parallel(num_threads=nt):
+        fa_swiglu(py, pu, n, openmp.omp_get_thread_num(), openmp.omp_get_num_threads())
+    return y
+
+
+def add_bias(x, b, n_threads=None):
+    """x + b per row; x [n_seq, n], b [n]."""
+    cdef int nt = _threads(n_threads)
+    _f32(x, "x", 2)
+    cdef cnp.ndarray y = x.copy()
+    cdef int64_t n_seq = y.shape[0], n = y.shape[1]
+    cdef cnp.ndarray ba = _vector(b, "b", n)
+    cdef float *py = <float *>cnp.PyArray_DATA(y)
+    cdef const float *pb = <const float *>cnp.PyArray_DATA(ba)
+    if n_seq == 0 or n == 0:
+        return y
+    with nogil, parallel(num_threads=nt):
+        fa_add_bias(py, pb, n_seq, n,
+                    openmp.omp_get_thread_num(), openmp.omp_get_num_threads())
+    return y
+
+
+# -------------------------------------------------------------- attention
+
+
+def rope(x, n_head, head_dim, pos0=0, theta=10000.0, neox=False, n_threads=None):
+    """Rotary embedding of x [n_seq, n_head * head_dim], row s at pos0 + s.
+    neox=False rotates pairs (2i, 2i+1), neox=True pairs (i, i + head_dim/2)."""
+    cdef int nt = _threads(n_threads)
+    cdef int nh = _as_int(n_head, "n_head", 1, 1 << 16)
+    cdef int hd = _as_int(head_dim, "head_dim", 2, 1 << 16)
+    cdef int64_t p0 = _as_int(pos0, "pos0", 0)
+    if hd % 2:
+        raise ValueError(f"head_dim: must be even, got {hd}")
+    if not theta > 0:
+        raise ValueError(f"theta: must be positive, got {theta}")
+    _f32(x, "x", 2)
+    if x.shape[1] != nh * hd:
+        raise ValueError(f"x: has {x.shape[1]} columns, n_head * head_dim = {nh * hd}")
+    cdef cnp.ndarray y = x.copy()
+    cdef int64_t n_seq = y.shape[0]
+    cdef float ftheta = float(theta)
+    cdef int fneox = 1 if neox else 0
+    cdef float *py = <float *>cnp.PyArray_DATA(y)
+    if n_seq == 0:
+        return y
+    with nogil, parallel(num_threads=nt):
+        fa_rope(py, n_seq, nh, hd, p0, ftheta, fneox,
+                openmp.omp_get_thread_num(), openmp.omp_get_num_threads())
+    return y
+
+
+def attention(q, k_cache, v_cache, pos0, n_head, n_kv_head, n_threads=None):
+    """Causal attention.  q [n_seq, n_head * head_dim], query s at position
+    pos0 + s; k_cache, v_cache [n_kv_head, n_ctx, head_dim] filled for positions
+    0 .. pos0 + n_seq - 1.  Returns out [n_seq, n_head * head_dim]."""
+    cdef int nt = _threads(n_threads)
+    cdef int nh = _as_int(n_head, "n_head", 1, 1 << 16)
+    cdef int nkv = _as_int(n_kv_head, "n_kv_head", 1, nh)
+    if nh % nkv:
+        raise ValueError(f"n_kv_head: {nkv} does not divide n_head = {nh}")
+    cdef int64_t p0 = _as_int(pos0, "pos0", 0)
+    cdef cnp.ndarray qa = _f32(q, "q", 2)
+    cdef cnp.ndarray ka = _f32(k_cache, "k_cache", 3)
+    cdef cnp.ndarray va = _f32(v_cache, "v_cache", 3)
+    if ka.shape[0] != nkv:
+        raise ValueError(f"k_cache: has {ka.shape[0]} heads, n_kv_head = {nkv}")
+    if va.shape[0] != ka.shape[0] or va.shape[1] != ka.shape[1] \
+            or va.shape[2] != ka.shape[2]:
+        raise ValueError(f"v_cache: shape {(<object>va).shape} differs from k_cache's "
+                         f"{(<object>ka).shape}")
+    cdef int64_t n_ctx = ka.shape[1]
+    cdef int hd = ka.shape[2]
+    cdef int64_t n_seq = qa.shape[0]
+    if hd < 1 or n_ctx < 1:
+        raise ValueError(f"k_cache: empty shape {(<object>ka).shape}")
+    if qa.shape[1] != <int64_t>nh * hd:
+        raise ValueError(f"q: has {qa.shape[1]} columns, n_head * head_dim = {nh * hd}")
+    if n_seq < 1:
+        raise ValueError("q: needs at least one row (n_seq >= 1)")
+    if p0 + n_seq > n_ctx:
+        raise ValueError(f"pos0 + n_seq = {p0 + n_seq} exceeds the cache's n_ctx = {n_ctx}")
+    cdef cnp.ndarray out = np.empty_like(qa)
+    cdef cnp.ndarray scratch = np.empty(nt * (p0 + n_seq), dtype=np.float32)
+    cdef const float *pq = <const float *>cnp.PyArray_DATA(qa)
+    cdef const float *pk = <const float *>cnp.PyArray_DATA(ka)
+    cdef const float *pv = <const float *>cnp.PyArray_DATA(va)
+    cdef float *po = <float *>cnp.PyArray_DATA(out)
+    cdef float *ps = <float *>cnp.PyArray_DATA(scratch)
+    with nogil, parallel(num_threads=nt):
+        fa_attention(pq, pk, pv, po, n_seq, p0, nh, nkv, hd, n_ctx, ps,
+                     openmp.omp_get_thread_num(), openmp.omp_get_num_threads())
+    return out
+
+
+# ------------------------------------------------------------------- SIMD
+
+
+def simd_level():
+    """The SIMD level in use: 0 generic, 1 avx2, 2 avx512."""
+    return fa_simd_level()
+
+
+def simd_name(level=None):
+    """The name of `level` (default: the level in use)."""
+    cdef int lv = fa_simd_level() if level is None else _as_int(level, "level", 0, 2)
+    return fa_simd_name(lv).decode()
+
+
+def set_simd_level(level):
+    """Use `level` ("generic", "avx2", "avx512" or 0/1/2), capped at what the CPU
+    supports; returns the level now in use."""
+    if isinstance(level, str):
+        if level not in SIMD_LEVELS:
+            raise ValueError(f"level: expected one of {sorted(SIMD_LEVELS)}, got {level!r}")
+        level = SIMD_LEVELS[level]
+    cdef int lv = _as_int(level, "level", 0, 2)
+    return fa_set_simd_level(lv)
+
+
+def available_simd_levels():
+    """The levels this CPU runs, lowest first, as names."""
+    cdef int now = fa_simd_level()
+    cdef int best = fa_set_simd_level(2)
+    fa_set_simd_level(now)
+    return [name for name, lv in SIMD_LEVELS.items() if lv <= best]
