@@ -90,7 +90,7 @@ cdef cnp.ndarray _f32(a, str name, int ndim):
     return a
 
 
-cdef int _as_int(v, str name, lo, hi=None) except? -1:
+cdef int64_t _as_int(v, str name, lo, hi=None) except? -1:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise ValueError(f"{name}: expected an int, got {v!r}")
     if v < lo or (hi is not None and v > hi):
@@ -148,6 +148,13 @@ cdef class _Weight:
 
 
 # ---------------------------------------------------------------- products
+
+
+def row_bytes(qtype, n_in):
+    """fa_row_bytes: bytes one row of n_in values takes, 0 if the type is
+    unknown or n_in is not a positive multiple of its block size."""
+    return fa_row_bytes(_as_int(qtype, "qtype", -(1 << 31), (1 << 31) - 1),
+                        _as_int(n_in, "n_in", -(1 << 62), 1 << 62))
 
 
 def matmul(w, x, n_threads=None):
