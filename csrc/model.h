@@ -1,0 +1,104 @@
+/*
+ * The whole-model forward pass: a read-only model (weights and config) and a
+ * generation state (KV cache, scratch) per sequence.  One call to fa_forward
+ * runs every layer for n_seq new tokens inside one OpenMP parallel region.
+ *
+ * Shapes use the project's notation:
+ *   [n_seq, n_embd]                    activations of the tokens in flight
+ *   [n_out, n_in]                      weights as stored
+ *   [n_layer][n_kv_head][n_ctx][head_dim]  the KV cache of one state
+ *
+ * The model holds pointers only; whoever builds it (fastattn/_engine.pyx)
+ * keeps the memory they point into alive.  A model is never written after it
+ * is built, so several states may run on it at once from different threads.
+ */
+#ifndef FASTATTN_MODEL_H
+#define FASTATTN_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fastattn.h"
+
+enum fa_family { FA_GPT2 = 0, FA_LLAMA = 1 };
+
+/* fa_forward's return codes. */
+enum fa_status {
+    FA_OK = 0,
+    FA_ERR_ARG = -1,       /* a NULL pointer, n_seq <= 0, mismatched state */
+    FA_ERR_BAD_ID = -2,    /* a token id outside [0, n_vocab) */
+    FA_ERR_OVERFLOW = -3,  /* n_past + n_seq > n_ctx of the state */
+    FA_ERR_NOMEM = -4,     /* an allocation failed */
+};
+
+/* One block's weights.  Float vectors are [n] float32; a bias left NULL is
+ * absent (llama has none unless the checkpoint brings them). */
+typedef struct {
+    const float *attn_norm_w, *attn_norm_b;   /* [n_embd]; _b gpt2 only */
+    const float *ffn_norm_w, *ffn_norm_b;
+
+    fa_weight attn_qkv;                       /* gpt2:  [3*n_embd, n_embd] */
+    const float *attn_qkv_b;                  /*        [3*n_embd] */
+    fa_weight attn_q, attn_k, attn_v;         /* llama: [n_embd | n_embd_kv, n_embd] */
+    const float *attn_q_b, *attn_k_b, *attn_v_b;
+    fa_weight attn_output;                    /* [n_embd, n_embd] */
+    const float *attn_output_b;
+
+    fa_weight ffn_gate;                       /* llama: [n_ff, n_embd] */
+    const float *ffn_gate_b;
+    fa_weight ffn_up;                         /* [n_ff, n_embd] */
+    const float *ffn_up_b;
+    fa_weight ffn_down;                       /* [n_embd, n_ff] */
+    const float *ffn_down_b;
+} fa_layer;
+
+typedef struct {
+    int family;                /* enum fa_family */
+    int64_t n_vocab, n_ctx, n_embd, n_layer, n_head, n_kv_head, head_dim, n_ff;
+    float norm_eps, rope_theta;
+    int rope_neox;             /* llama: 1 rotates halves (HF), 0 adjacent pairs (GGUF) */
+
+    fa_weight token_embd;      /* [n_vocab, n_embd] */
+    fa_weight position_embd;   /* gpt2: [n_ctx, n_embd] */
+    fa_weight output;          /* [n_vocab, n_embd]; a copy of token_embd when tied */
+    const float *output_norm_w, *output_norm_b;
+    fa_layer *layers;          /* [n_layer] */
+} fa_model;
+
+typedef struct {
+    /* what the state was built for, checked against the model at each call */
+    int64_t n_layer, n_kv_head, head_dim, n_embd;
+
+    int64_t n_ctx;             /* positions the cache holds */
+    int64_t n_past;            /* positions filled */
+    int64_t max_chunk;         /* tokens per pass through the layers */
+    float *k_cache, *v_cache;  /* [n_layer][n_kv_head][n_ctx][head_dim] */
+
+    /* scratch, [max_chunk, width] each */
+    float *x;                  /* residual stream [., n_embd] */
+    float *xn;                 /* normed input / block output [., n_embd] */
+    float *q;                  /* [., n_embd] */
+    float *qkv;                /* gpt2: [., 3*n_embd]; llama: k and v [., 2*n_embd_kv] */
+    float *att;                /* attention output [., n_embd] */
+    float *ffn_a, *ffn_b;      /* [., n_ff] */
+    float *att_scratch;        /* [att_threads, n_ctx] */
+    int att_threads;
+} fa_state;
+
+/* Check the model's sizes and pointers; FA_OK or FA_ERR_ARG. */
+int fa_model_check(const fa_model *m);
+
+/* Allocate a state for up to n_ctx positions (n_ctx <= m->n_ctx) that runs
+ * prompts in chunks of at most max_chunk tokens.  Returns FA_OK, FA_ERR_ARG
+ * or FA_ERR_NOMEM; on failure nothing stays allocated. */
+int fa_state_init(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chunk);
+void fa_state_free(fa_state *s);
+
+/* Run ids[0 .. n_seq) at positions n_past .. n_past + n_seq - 1, append their
+ * keys and values to the cache and advance n_past.
+ *   logits  [n_vocab] for the last position, or [n_seq, n_vocab] if all_logits
+ * On error nothing is written and n_past is unchanged. */
+int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq,
+               float *logits, int all_logits, int n_threads);
+
+#endif

@@ -1,0 +1,308 @@
+# cython: language_level=3
+"""The compiled model: Cython classes over csrc/forward.c.
+
+    Model(config, matrices, vectors)   the read-only weights, as fa_model
+    State(model, n_ctx, max_chunk)     one sequence's KV cache and scratch
+    model.forward(state, ids, all_logits, n_threads) -> logits
+
+fastattn.model.Transformer validates names, types and shapes and builds these;
+this module checks again every size it hands to C, so that no call from
+Python can make the C code read or write out of bounds.  A Model keeps a
+reference to every array its pointers point into.  forward releases the GIL;
+several States may run on one Model at once from different threads, but one
+State runs one call at a time.
+"""
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+
+from .errors import ContextOverflowError, FastAttnError, TokenizerError
+
+cnp.import_array()
+
+
+cdef extern from "model.h" nogil:
+    ctypedef struct fa_weight:
+        const void *data
+        int type
+        int64_t n_out
+        int64_t n_in
+        size_t row_bytes
+
+    size_t fa_row_bytes(int type, int64_t n_in)
+
+    ctypedef struct fa_layer:
+        const float *attn_norm_w
+        const float *attn_norm_b
+        const float *ffn_norm_w
+        const float *ffn_norm_b
+        fa_weight attn_qkv
+        const float *attn_qkv_b
+        fa_weight attn_q
+        fa_weight attn_k
+        fa_weight attn_v
+        const float *attn_q_b
+        const float *attn_k_b
+        const float *attn_v_b
+        fa_weight attn_output
+        const float *attn_output_b
+        fa_weight ffn_gate
+        const float *ffn_gate_b
+        fa_weight ffn_up
+        const float *ffn_up_b
+        fa_weight ffn_down
+        const float *ffn_down_b
+
+    ctypedef struct fa_model:
+        int family
+        int64_t n_vocab, n_ctx, n_embd, n_layer, n_head, n_kv_head, head_dim, n_ff
+        float norm_eps, rope_theta
+        int rope_neox
+        fa_weight token_embd
+        fa_weight position_embd
+        fa_weight output
+        const float *output_norm_w
+        const float *output_norm_b
+        fa_layer *layers
+
+    ctypedef struct fa_state:
+        int64_t n_ctx
+        int64_t n_past
+        int64_t max_chunk
+
+    enum:
+        FA_GPT2, FA_LLAMA
+        FA_OK, FA_ERR_ARG, FA_ERR_BAD_ID, FA_ERR_OVERFLOW, FA_ERR_NOMEM
+
+    int fa_model_check(const fa_model *m)
+    int fa_state_init(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chunk)
+    void fa_state_free(fa_state *s)
+    int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq,
+                   float *logits, int all_logits, int n_threads)
+
+
+cdef dict _ALIGN = {0: 4, 1: 2, 30: 2}  # F32, F16, BF16: element size
+
+
+cdef class Model:
+    """fa_model over the given weights.
+
+    matrices: {canonical name: WeightTensor} for every 2-D weight
+    vectors:  {canonical name: float32 array [n]} for norms and biases
+    """
+    cdef fa_model m
+    cdef fa_layer *layers
+    cdef list keep          # every array a pointer of self.m points into
+    cdef readonly object config
+
+    def __cinit__(self):
+        memset(&self.m, 0, sizeof(fa_model))
+        self.layers = NULL
+        self.keep = []
+
+    def __init__(self, config, dict matrices, dict vectors):
+        cdef fa_model *m = &self.m
+        cdef fa_layer *L
+        cdef int64_t E = config.n_embd, F = config.n_ff
+        cdef int64_t Ekv = config.n_kv_head * config.head_dim
+        self.config = config
+        gpt2 = config.family == "gpt2"
+        m.family = FA_GPT2 if gpt2 else FA_LLAMA
+        m.n_vocab = config.n_vocab
+        m.n_ctx = config.n_ctx
+        m.n_embd = config.n_embd
+        m.n_layer = config.n_layer
+        m.n_head = config.n_head
+        m.n_kv_head = config.n_kv_head
+        m.head_dim = config.head_dim
+        m.n_ff = config.n_ff
+        m.norm_eps = config.norm_eps
+        m.rope_theta = config.rope_theta
+        m.rope_neox = 1 if config.rope_neox else 0
+
+        self.layers = <fa_layer *>calloc(config.n_layer, sizeof(fa_layer))
+        if self.layers == NULL:
+            raise MemoryError("fastattn: cannot allocate the layer table")
+        m.layers = self.layers
+
+        m.token_embd = self._weight(matrices, "token_embd.weight", config.n_vocab, E)
+        out_name = "output.weight" if "output.weight" in matrices else "token_embd.weight"
+        m.output = self._weight(matrices, out_name, config.n_vocab, E)
+        m.output_norm_w = self._vector(vectors, "output_norm.weight", E, True)
+        m.output_norm_b = self._vector(vectors, "output_norm.bias", E, gpt2)
+        if gpt2:
+            m.position_embd = self._weight(matrices, "position_embd.weight", config.n_ctx, E)
+
+        for i in range(config.n_layer):
+            L = &self.layers[i]
+            p = f"blk.{i}."
+            L.attn_norm_w = self._vector(vectors, p + "attn_norm.weight", E, True)
+            L.attn_norm_b = self._vector(vectors, p + "attn_norm.bias", E, gpt2)
+            L.ffn_norm_w = self._vector(vectors, p + "ffn_norm.weight", E, True)
+            L.ffn_norm_b = self._vector(vectors, p + "ffn_norm.bias", E, gpt2)
+            L.attn_output = self._weight(matrices, p + "attn_output.weight", E, E)
+            L.attn_output_b = self._vector(vectors, p + "attn_output.bias", E, gpt2)
+            L.ffn_up = self._weight(matrices, p + "ffn_up.weight", F, E)
+            L.ffn_up_b = self._vector(vectors, p + "ffn_up.bias", F, gpt2)
+            L.ffn_down = self._weight(matrices, p + "ffn_down.weight", E, F)
+            L.ffn_down_b = self._vector(vectors, p + "ffn_down.bias", E, gpt2)
+            if gpt2:
+                L.attn_qkv = self._weight(matrices, p + "attn_qkv.weight", 3 * E, E)
+                L.attn_qkv_b = self._vector(vectors, p + "attn_qkv.bias", 3 * E, True)
+            else:
+                L.attn_q = self._weight(matrices, p + "attn_q.weight", E, E)
+                L.attn_k = self._weight(matrices, p + "attn_k.weight", Ekv, E)
+                L.attn_v = self._weight(matrices, p + "attn_v.weight", Ekv, E)
+                L.attn_q_b = self._vector(vectors, p + "attn_q.bias", E, False)
+                L.attn_k_b = self._vector(vectors, p + "attn_k.bias", Ekv, False)
+                L.attn_v_b = self._vector(vectors, p + "attn_v.bias", Ekv, False)
+                L.ffn_gate = self._weight(matrices, p + "ffn_gate.weight", F, E)
+                L.ffn_gate_b = self._vector(vectors, p + "ffn_gate.bias", F, False)
+
+        if fa_model_check(&self.m) != FA_OK:
+            raise FastAttnError("fastattn: the model's sizes or pointers are inconsistent")
+
+    def __dealloc__(self):
+        free(self.layers)
+
+    cdef fa_weight _weight(self, dict matrices, str name, int64_t n_out,
+                           int64_t n_in) except *:
+        """The fa_weight over matrices[name], after checking its byte size."""
+        cdef fa_weight w
+        t = matrices.get(name)
+        if t is None:
+            raise FastAttnError(f"fastattn: weight {name} is missing")
+        rb = fa_row_bytes(t.qtype, n_in)
+        data = t.data
+        if (rb == 0 or tuple(t.shape) != (n_out, n_in) or not isinstance(data, np.ndarray)
+                or data.dtype != np.uint8 or data.nbytes != n_out * rb):
+            raise FastAttnError(f"fastattn: weight {name} has shape {t.shape}, type "
+                                f"{t.qtype} and {getattr(data, 'nbytes', '?')} bytes; "
+                                f"expected ({n_out}, {n_in})")
+        # float rows are read as floats: copy a view that a file left unaligned
+        align = _ALIGN.get(t.qtype, 1)
+        if not data.flags.c_contiguous or data.ctypes.data % align:
+            data = np.array(data, order="C", copy=True)
+        self.keep.append(data)
+        w.data = <const void *>cnp.PyArray_DATA(data)
+        w.type = t.qtype
+        w.n_out = n_out
+        w.n_in = n_in
+        w.row_bytes = rb
+        return w
+
+    cdef const float *_vector(self, dict vectors, str name, int64_t n,
+                              bint required) except? NULL:
+        """The float pointer of vectors[name] [n]; NULL if absent and optional."""
+        v = vectors.get(name)
+        if v is None:
+            if required:
+                raise FastAttnError(f"fastattn: vector {name} is missing")
+            return NULL
+        cdef cnp.ndarray a = np.ascontiguousarray(v, dtype=np.float32)
+        if a.ndim != 1 or a.shape[0] != n:
+            raise FastAttnError(f"fastattn: vector {name} has shape {np.shape(v)}, "
+                                f"expected ({n},)")
+        self.keep.append(a)
+        return <const float *>cnp.PyArray_DATA(a)
+
+    def forward(self, State state, ids, bint all_logits=False, int n_threads=1):
+        """Run ids [n_seq] (int32) after state.n_past positions.
+
+        Returns logits [n_vocab] for the last position, or [n_seq, n_vocab].
+        """
+        if state.model is not self:
+            raise FastAttnError("fastattn: this state belongs to another model")
+        cdef cnp.ndarray a = np.ascontiguousarray(ids, dtype=np.int32)
+        if a.ndim != 1 or a.shape[0] == 0:
+            raise TokenizerError(f"ids must be a non-empty 1-D sequence, got shape "
+                                 f"{np.shape(ids)}")
+        cdef int64_t n_seq = a.shape[0]
+        cdef cnp.ndarray logits
+        if all_logits:
+            logits = np.empty((n_seq, self.m.n_vocab), dtype=np.float32)
+        else:
+            logits = np.empty(self.m.n_vocab, dtype=np.float32)
+        cdef const int32_t *pids = <const int32_t *>cnp.PyArray_DATA(a)
+        cdef float *plogits = <float *>cnp.PyArray_DATA(logits)
+        cdef int rc
+        cdef int all_ = 1 if all_logits else 0
+        if n_threads < 1:
+            n_threads = 1
+
+        state.enter()
+        try:
+            with nogil:
+                rc = fa_forward(&self.m, &state.s, pids, n_seq, plogits, all_, n_threads)
+        finally:
+            state.leave()
+
+        if rc == FA_OK:
+            return logits
+        if rc == FA_ERR_BAD_ID:
+            bad = a[(a < 0) | (a >= self.m.n_vocab)]
+            raise TokenizerError(f"token id {int(bad[0])} is outside the vocabulary "
+                                 f"[0, {self.m.n_vocab})")
+        if rc == FA_ERR_OVERFLOW:
+            raise ContextOverflowError(
+                f"context overflow: n_past {state.s.n_past} + requested {n_seq} "
+                f"> n_ctx {state.s.n_ctx}")
+        if rc == FA_ERR_NOMEM:
+            raise MemoryError("fastattn: out of memory in the forward pass")
+        raise FastAttnError(f"fastattn: fa_forward failed with code {rc}")
+
+
+cdef class State:
+    """One sequence's KV cache [n_layer][n_kv_head][n_ctx][head_dim] and scratch."""
+    cdef fa_state s
+    cdef readonly Model model
+    cdef bint busy
+
+    def __cinit__(self, Model model, int64_t n_ctx, int64_t max_chunk=256):
+        memset(&self.s, 0, sizeof(fa_state))
+        self.model = model
+        self.busy = False
+        if n_ctx <= 0 or n_ctx > model.m.n_ctx:
+            raise ContextOverflowError(f"n_ctx {n_ctx} must be in [1, {model.m.n_ctx}]")
+        cdef int rc = fa_state_init(&self.s, &model.m, n_ctx, max_chunk)
+        if rc == FA_ERR_NOMEM:
+            raise MemoryError(f"fastattn: cannot allocate a KV cache of n_ctx {n_ctx}")
+        if rc != FA_OK:
+            raise FastAttnError(f"fastattn: fa_state_init failed with code {rc}")
+
+    def __dealloc__(self):
+        fa_state_free(&self.s)
+
+    cdef enter(self):
+        # the GIL is held here, so checking and setting the flag is atomic
+        if self.busy:
+            raise FastAttnError("fastattn: this state is already running a forward call "
+                                "in another thread; use one state per thread")
+        self.busy = True
+
+    cdef leave(self):
+        self.busy = False
+
+    @property
+    def n_ctx(self):
+        return self.s.n_ctx
+
+    @property
+    def max_chunk(self):
+        return self.s.max_chunk
+
+    @property
+    def n_past(self):
+        return self.s.n_past
+
+    @n_past.setter
+    def n_past(self, int64_t value):
+        """Forget positions >= value (0 <= value <= n_past)."""
+        if self.busy:
+            raise FastAttnError("fastattn: cannot rewind a state while it runs")
+        if value < 0 or value > self.s.n_past:
+            raise ValueError(f"n_past must be in [0, {self.s.n_past}], got {value}")
+        self.s.n_past = value

@@ -1,0 +1,228 @@
+"""The model: weights checked against the config, and generation states.
+
+    >>> from fastattn.loaders import load_model_files
+    >>> loaded = load_model_files("SmolLM2-135M-Instruct.Q4_1.gguf")
+    >>> model = Transformer(loaded.config, loaded.weights)
+    >>> state = model.new_state()
+    >>> logits = model.prefill(state, [1, 2, 3])        # [n_vocab], position 2
+    >>> logits = model.decode(state, int(logits.argmax()))
+
+A Transformer is read-only once built; each State holds one sequence's KV
+cache, so one model serves several states (and Python threads) at once.
+Every forward call runs all layers in one call into C (fastattn._engine).
+"""
+import logging
+import operator
+import os
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ContextOverflowError, FastAttnError, ModelFileError, TokenizerError
+from .weights import TYPES, WeightTensor, type_name
+
+log = logging.getLogger("fastattn")
+
+# Tokens per pass through the layers during a prefill: bounds the scratch
+# memory of a state ([max_chunk, n_ff] floats and the like) while keeping the
+# matrix products wide enough to run fast.
+MAX_CHUNK = 256
+
+
+def expected_tensors(config: ModelConfig) -> tuple[dict, dict]:
+    """({name: shape} of the required tensors, {name: shape} of the optional
+    ones) for `config`, with the canonical (GGUF) names."""
+    E, F, V = config.n_embd, config.n_ff, config.n_vocab
+    Ekv = config.n_embd_kv
+    required = {"token_embd.weight": (V, E), "output_norm.weight": (E,)}
+    optional = {}
+    if config.tied_output:
+        optional["output.weight"] = (V, E)
+    else:
+        required["output.weight"] = (V, E)
+
+    if config.family == "gpt2":
+        required["position_embd.weight"] = (config.n_ctx, E)
+        required["output_norm.bias"] = (E,)
+        for i in range(config.n_layer):
+            p = f"blk.{i}."
+            for name, shape in [("attn_norm", (E,)), ("ffn_norm", (E,)),
+                                ("attn_qkv", (3 * E, E)), ("attn_output", (E, E)),
+                                ("ffn_up", (F, E)), ("ffn_down", (E, F))]:
+                required[p + name + ".weight"] = shape
+                required[p + name + ".bias"] = (shape[0],)
+    else:
+        for i in range(config.n_layer):
+            p = f"blk.{i}."
+            required[p + "attn_norm.weight"] = (E,)
+            required[p + "ffn_norm.weight"] = (E,)
+            for name, shape in [("attn_q", (E, E)), ("attn_k", (Ekv, E)),
+                                ("attn_v", (Ekv, E)), ("attn_output", (E, E)),
+                                ("ffn_gate", (F, E)), ("ffn_up", (F, E)),
+                                ("ffn_down", (E, F))]:
+                required[p + name + ".weight"] = shape
+                optional[p + name + ".bias"] = (shape[0],)  # Qwen-style biases
+    return required, optional
+
+
+def check_weights(config: ModelConfig, weights: dict) -> None:
+    """Raise ModelFileError unless every tensor the config needs is present as
+    a WeightTensor of a supported type and the expected shape, and no tensor
+    is one this model would silently ignore."""
+    where = f"{config.source}: " if config.source else ""
+    required, optional = expected_tensors(config)
+    for name, shape in {**required, **optional}.items():
+        t = weights.get(name)
+        if t is None:
+            if name in required:
+                raise ModelFileError(f"{where}tensor {name} is missing "
+                                     f"(expected shape {shape})")
+            continue
+        if not isinstance(t, WeightTensor):
+            raise ModelFileError(f"{where}tensor {name}: expected a WeightTensor, "
+                                 f"found {type(t).__name__}")
+        if t.qtype not in TYPES:
+            raise ModelFileError(f"{where}tensor {name}: type {type_name(t.qtype)} "
+                                 f"is not supported")
+        if tuple(t.shape) != tuple(shape):
+            raise ModelFileError(f"{where}tensor {name}: expected shape {shape}, "
+                                 f"found {tuple(t.shape)}")
+    unknown = sorted(set(weights) - set(required) - set(optional))
+    if unknown:
+        # Ignoring a tensor (rope frequency factors, say) would give wrong answers
+        # silently, so an unknown name is an error, not a warning.
+        raise ModelFileError(f"{where}tensor {unknown[0]} is not used by a "
+                             f"{config.family} model ({len(unknown)} unknown tensors)")
+
+
+class State:
+    """One sequence's KV cache: positions 0 .. n_past - 1 are filled, up to n_ctx."""
+
+    def __init__(self, engine_state):
+        self._state = engine_state
+
+    @property
+    def n_past(self) -> int:
+        return self._state.n_past
+
+    @property
+    def n_ctx(self) -> int:
+        return self._state.n_ctx
+
+    def reset(self) -> None:
+        """Forget every position."""
+        self._state.n_past = 0
+
+    def rewind(self, n_past: int) -> None:
+        """Forget positions >= n_past (0 <= n_past <= self.n_past); cheap: the
+        cache entries are overwritten by the next tokens."""
+        n_past = operator.index(n_past)
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"rewind: n_past must be in [0, {self.n_past}], got {n_past}")
+        self._state.n_past = n_past
+
+    def __repr__(self):
+        return f"State(n_past={self.n_past}, n_ctx={self.n_ctx})"
+
+
+class Transformer:
+    """A GPT-2 or Llama model over weights in their storage form.
+
+    config   : ModelConfig (validated here)
+    weights  : {canonical name: WeightTensor}; matrices stay in their block
+               form, 1-D norms and biases become float32 arrays
+    n_threads: OpenMP threads per forward call (default os.cpu_count());
+               may be changed later by setting the attribute
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict, n_threads=None):
+        from . import _engine  # the compiled core; imported here so that
+                               # loaders and the reference work without it
+        config.validate()
+        check_weights(config, weights)
+        self.config = config
+        self.n_threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
+
+        matrices, vectors = {}, {}
+        for name, t in weights.items():
+            if len(t.shape) == 1:
+                vectors[name] = np.ascontiguousarray(t.to_float(), dtype=np.float32)
+            else:
+                matrices[name] = t
+        self._engine = _engine.Model(config, matrices, vectors)
+        log.debug("model: %s", ", ".join(f"{k} = {v}" for k, v in config.describe()))
+
+    # ------------------------------------------------------------------ threads
+
+    @property
+    def n_threads(self) -> int:
+        return self._n_threads
+
+    @n_threads.setter
+    def n_threads(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"n_threads must be a positive integer, got {value!r}")
+        self._n_threads = int(value)
+
+    # ------------------------------------------------------------------- states
+
+    def new_state(self, n_ctx=None) -> State:
+        """A fresh state with room for n_ctx positions (default: config.n_ctx)."""
+        from . import _engine
+        if n_ctx is None:
+            n_ctx = self.config.n_ctx
+        n_ctx = operator.index(n_ctx)
+        if not 1 <= n_ctx <= self.config.n_ctx:
+            raise ContextOverflowError(f"n_ctx {n_ctx} must be in [1, {self.config.n_ctx}] "
+                                       f"(the model's n_ctx)")
+        return State(_engine.State(self._engine, n_ctx, MAX_CHUNK))
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_ids(self, state: State, ids) -> np.ndarray:
+        """ids as a contiguous int32 array, after every check that can name the
+        culprit: type, emptiness, range, and room in the state."""
+        if not isinstance(state, State) or state._state.model is not self._engine:
+            raise FastAttnError("state was not made by this model's new_state()")
+        array = np.asarray(ids)
+        if array.ndim != 1:
+            raise TokenizerError(f"ids must be a 1-D sequence of token ids, got shape "
+                                 f"{array.shape}")
+        if array.size == 0:
+            raise TokenizerError("ids is empty: give at least one token id")
+        if array.dtype.kind not in "iu":
+            raise TokenizerError(f"ids must be integers, got dtype {array.dtype}")
+        n_vocab = self.config.n_vocab
+        bad = (array < 0) | (array >= n_vocab)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise TokenizerError(f"token id {int(array[i])} at index {i} is outside the "
+                                 f"vocabulary [0, {n_vocab})")
+        if state.n_past + array.size > state.n_ctx:
+            raise ContextOverflowError(
+                f"context overflow: n_past {state.n_past} + requested {array.size} tokens "
+                f"> n_ctx {state.n_ctx}")
+        return np.ascontiguousarray(array, dtype=np.int32)
+
+    def prefill(self, state: State, ids, all_logits: bool = False) -> np.ndarray:
+        """Append ids to the state; logits [n_vocab] of the last position, or
+        [n_seq, n_vocab] of every new position when all_logits."""
+        ids = self._check_ids(state, ids)
+        return self._engine.forward(state._state, ids, bool(all_logits), self._n_threads)
+
+    def decode(self, state: State, token: int) -> np.ndarray:
+        """Append one token; its logits [n_vocab]."""
+        try:
+            token = operator.index(token)
+        except TypeError:
+            raise TokenizerError(f"token must be an integer id, got {token!r}") from None
+        return self.prefill(state, [token])
+
+    def forward(self, ids) -> np.ndarray:
+        """Logits [n_seq, n_vocab] of ids from a fresh state."""
+        n_seq = len(ids)
+        if n_seq > self.config.n_ctx:
+            raise ContextOverflowError(f"context overflow: n_past 0 + requested {n_seq} "
+                                       f"tokens > n_ctx {self.config.n_ctx}")
+        state = self.new_state(max(n_seq, 1))
+        return self.prefill(state, ids, all_logits=True)
