@@ -1,0 +1,6 @@
+"""`python -m fastattn ...` is the `fastattn` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

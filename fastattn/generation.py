@@ -1,0 +1,496 @@
+"""Text in, text out: prompts, chat templates, sampling, stop strings, streaming.
+
+    >>> model = Model.load()                         # the default SmolLM2-135M
+    >>> model.generate("The capital of France is", max_new_tokens=8, temperature=0)
+    >>> for piece in model.stream("Once upon a time", max_new_tokens=32, seed=1):
+    ...     print(piece, end="", flush=True)
+    >>> model.chat([{"role": "user", "content": "Name three colours."}], temperature=0)
+    >>> model.score("The quick brown fox jumps over the lazy dog.").perplexity
+
+When generation stops.  At whichever comes first:
+  "eos"      the model produced one of tokenizer.eos_ids (its text is not returned);
+  "stop"     the text produced contains one of the stop strings (the text from
+             the stop string on is not returned);
+  "length"   max_new_tokens tokens were produced;
+  "context"  prompt + generated tokens filled the context (n_ctx).  This is not
+             an error: the text so far is returned.  Only a prompt that leaves
+             no room for a single new token (len(prompt) >= n_ctx) raises
+             ContextOverflowError.
+`model.last_stats["stopped"]` says which, with the timings of the call
+("interrupted" if the caller closed a stream before it ended).
+
+Threads.  Each generate / stream / chat / score call builds its own State (KV
+cache) and Sampler; the Transformer is read-only, so several Python threads
+may call one Model at once and each call gives what it gives alone.
+`last_stats` is kept per thread: a thread sees the stats of its own last call.
+"""
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import ContextOverflowError, FastAttnError, ModelFileError, UnsupportedError
+from .sampling import Sampler
+
+logger = logging.getLogger("fastattn")
+
+# How many prompt tokens one prefill call takes when all logits are wanted
+# (score): the logits of a chunk are [chunk, n_vocab] float32, 100 MB at 512.
+SCORE_CHUNK = 512
+
+
+class GenerationError(FastAttnError, ValueError):
+    """A request that cannot be carried out as asked: an empty prompt, a bad
+    max_new_tokens or stop list, text too short to score."""
+
+
+class ChatTemplateError(FastAttnError, ValueError):
+    """The chat template failed to render the messages (a bad message list, a
+    template that raised, or a template that does not parse)."""
+
+
+@dataclass
+class ScoreResult:
+    """tokens [n]: the ids scored, the bos first if the model adds one.
+    token_logprobs [n] float64: log p(tokens[i] | tokens[:i]); NaN at 0, which
+    has no context.  perplexity: exp(-mean of the non-NaN log-probs)."""
+    tokens: list
+    token_logprobs: np.ndarray
+    perplexity: float
+
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood per scored token (nats)."""
+        return float(-np.nanmean(self.token_logprobs))
+
+
+# ------------------------------------------------------------------ stop strings
+
+class StopMatcher:
+    """Holds back text that might be the start of a stop string.
+
+    push(piece) -> (text safe to emit, stopped).  Text is emitted only once no
+    stop string can begin inside it, so a stop string split over several
+    tokens is still caught and never shown.  At the end, flush() returns what
+    was held back (it was not a stop string after all)."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.held = ""
+
+    def push(self, piece: str):
+        if not self.stop:
+            return piece, False
+        text = self.held + piece
+
+        # a complete stop string: emit what precedes the earliest one
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[:min(hits)], True
+
+        # hold back the longest tail that begins some stop string
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), hold, -1):
+                if s.startswith(text[len(text) - n:]):
+                    hold = n
+                    break
+        self.held = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+def _stop_list(stop) -> list:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    stop = list(stop)
+    for s in stop:
+        if not isinstance(s, str):
+            raise GenerationError(f"stop must be a string or a list of strings, "
+                                  f"got item {s!r}")
+    return [s for s in stop if s]
+
+
+# ------------------------------------------------------------------ chat templates
+
+def render_chat_template(template: str, messages, bos_token="", eos_token="",
+                         add_generation_prompt=True, **extra) -> str:
+    """Render a Hugging Face chat template (Jinja) in a sandbox.
+
+    The sandbox (ImmutableSandboxedEnvironment) lets the template read the
+    messages but not reach Python objects or change the lists it is given;
+    a template comes from a downloaded file, so it is untrusted code."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    _check_messages(messages)
+
+    def raise_exception(message):
+        raise ChatTemplateError(f"chat template refused the messages: {message}")
+
+    def strftime_now(fmt):
+        return time.strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        compiled = env.from_string(template)
+    except TemplateError as e:
+        raise ModelFileError(f"chat template does not parse: {e}") from None
+    try:
+        return compiled.render(messages=messages, bos_token=bos_token,
+                               eos_token=eos_token,
+                               add_generation_prompt=add_generation_prompt, **extra)
+    except ChatTemplateError:
+        raise
+    except TemplateError as e:
+        raise ChatTemplateError(f"chat template failed: {e}") from None
+
+
+def _check_messages(messages):
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ChatTemplateError(f"messages must be a non-empty list of "
+                                f"{{'role': ..., 'content': ...}} dicts, got {messages!r:.80}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise ChatTemplateError(f"messages[{i}] must be a dict with string 'role' and "
+                                    f"'content', got {m!r:.80}")
+
+
+# ------------------------------------------------------------------ the model
+
+class Model:
+    """A loaded model ready to generate: transformer, tokenizer, chat template.
+
+    n_ctx is the longest sequence (prompt + generated) a call may reach; it
+    defaults to the model's trained context.  A call's KV cache is sized to
+    what the call can use, min(n_ctx, prompt + max_new_tokens), not n_ctx."""
+
+    def __init__(self, transformer, tokenizer, config, chat_template=None, n_ctx=None,
+                 source="", load_s=0.0, keepalive=None, metadata=None, weight_types=None):
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.config = config
+        self.chat_template = chat_template
+        self.source = source
+        self.load_s = load_s
+        self.metadata = metadata or {}
+        self._keepalive = keepalive          # the mapped file the weights view
+        self.weight_types = weight_types or {}   # {"Q4_1": 210, ...}
+        if n_ctx is None:
+            n_ctx = config.n_ctx
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2:
+            raise GenerationError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
+        if n_ctx > config.n_ctx:
+            raise ContextOverflowError(f"n_ctx = {n_ctx} is longer than the {config.n_ctx} "
+                                       f"tokens {source or 'the model'} was trained for")
+        self.n_ctx = n_ctx
+        self._local = threading.local()
+
+    @classmethod
+    def load(cls, model=None, n_threads=None, n_ctx=None, verbose=False) -> "Model":
+        """model: a GGUF file, a Hugging Face folder, or None for the default
+        model (downloaded on first use)."""
+        from .loaders import load_model_files
+        from .model import Transformer
+        from .tokenizer import Tokenizer
+
+        start = time.perf_counter()
+        if model is None:
+            from .download import default_model_path
+            model = default_model_path()
+        loaded = load_model_files(model)
+        transformer = Transformer(loaded.config, loaded.weights, n_threads=n_threads)
+        tokenizer = Tokenizer.from_loaded(loaded.tokenizer)
+        load_s = time.perf_counter() - start
+
+        from .weights import type_name
+        weight_types = {}
+        for w in loaded.weights.values():
+            weight_types[type_name(w.qtype)] = weight_types.get(type_name(w.qtype), 0) + 1
+        self = cls(transformer, tokenizer, loaded.config, loaded.chat_template,
+                   n_ctx=n_ctx, source=str(model), load_s=load_s,
+                   keepalive=loaded.keepalive, metadata=loaded.metadata,
+                   weight_types=weight_types)
+        level = logging.INFO if verbose else logging.DEBUG
+        for key, value in self.describe():
+            logger.log(level, "%-12s = %s", key, value)
+        logger.log(level, "loaded %s in %.1f ms", model, load_s * 1e3)
+        return self
+
+    def describe(self) -> list:
+        """(key, value) pairs for the load banner: dims, weight types, SIMD, threads."""
+        pairs = list(self.config.describe())
+        if self.n_ctx != self.config.n_ctx:
+            pairs.append(("n_ctx_used", self.n_ctx))
+        if self.weight_types:
+            pairs.append(("weights", ", ".join(
+                f"{name} x {count}" for name, count in
+                sorted(self.weight_types.items(), key=lambda item: -item[1]))))
+        simd = _simd_name()
+        if simd:
+            pairs.append(("simd", simd))
+        pairs.append(("n_threads", getattr(self.transformer, "n_threads", None)))
+        return pairs
+
+    # ---------------------------------------------------------- stats
+
+    @property
+    def last_stats(self) -> dict:
+        """Timings and the stop reason of this thread's last call:
+        load_s, prompt_tokens, prompt_s, prompt_tok_s, gen_tokens, gen_s,
+        gen_tok_s, stopped ("eos", "stop", "length", "context")."""
+        return getattr(self._local, "stats", {})
+
+    def _set_stats(self, stats):
+        self._local.stats = stats
+
+    # ---------------------------------------------------------- prompts
+
+    def encode(self, prompt, allowed_special=frozenset()) -> list:
+        """A prompt (text or ids) -> ids, with the bos if the model adds one."""
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            ids = list(tok.encode(prompt, allowed_special=allowed_special))
+            if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+                ids = [tok.bos_id] + ids
+            return ids
+        if isinstance(prompt, np.ndarray):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"prompt must be a string or a list of token ids, "
+                            f"got {type(prompt).__name__}")
+        ids = []
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"prompt[{i}] must be a token id (int), got {t!r}")
+            if not 0 <= t < tok.n_vocab:
+                from .errors import TokenizerError
+                raise TokenizerError(f"prompt[{i}] = {t} is outside the vocabulary "
+                                     f"[0, {tok.n_vocab})")
+            ids.append(int(t))
+        return ids
+
+    def apply_chat_template(self, messages, add_generation_prompt=True) -> str:
+        if not self.chat_template:
+            raise UnsupportedError(f"{self.source or 'the model'} has no chat template "
+                                   f"(tokenizer.chat_template); use generate() instead")
+        tok = self.tokenizer
+        bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
+        eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
+        return render_chat_template(self.chat_template, messages, bos_token=bos,
+                                    eos_token=eos,
+                                    add_generation_prompt=add_generation_prompt)
+
+    def _chat_ids(self, messages) -> list:
+        # The template writes the specials (bos included, if the model wants it)
+        # as text; they are encoded as the special tokens they name.
+        text = self.apply_chat_template(messages)
+        return list(self.tokenizer.encode(text, allowed_special="all"))
+
+    # ---------------------------------------------------------- generation
+
+    def generate(self, prompt: Union[str, list], max_new_tokens=128, temperature=0.8,
+                 top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.0, seed=None,
+                 stop=None) -> str:
+        """The continuation of prompt as one string (see the module docstring
+        for when it stops)."""
+        return "".join(self.stream(prompt, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   min_p=min_p, repeat_penalty=repeat_penalty,
+                                   seed=seed, stop=stop))
+
+    def stream(self, prompt: Union[str, list], max_new_tokens=128, temperature=0.8,
+               top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.0, seed=None,
+               stop=None) -> Iterator[str]:
+        """Like generate, yielding the text in pieces as they complete.
+
+        The arguments are checked (and the prompt encoded) before the first
+        piece is asked for, so errors raise here, not at the first next()."""
+        ids = self.encode(prompt)
+        return self._stream_ids(ids, max_new_tokens, stop,
+                                Sampler(temperature=temperature, top_k=top_k, top_p=top_p,
+                                        min_p=min_p, repeat_penalty=repeat_penalty,
+                                        seed=seed))
+
+    def chat(self, messages, max_new_tokens=256, temperature=0.8, top_k=40, top_p=0.95,
+             min_p=0.0, repeat_penalty=1.0, seed=None, stop=None, stream=False):
+        """The assistant's reply to messages ([{"role": ..., "content": ...}]),
+        rendered with the model's chat template; an iterator of pieces if
+        stream is true."""
+        ids = self._chat_ids(messages)
+        pieces = self._stream_ids(ids, max_new_tokens, stop,
+                                  Sampler(temperature=temperature, top_k=top_k,
+                                          top_p=top_p, min_p=min_p,
+                                          repeat_penalty=repeat_penalty, seed=seed))
+        return pieces if stream else "".join(pieces)
+
+    def generate_ids(self, prompt, max_new_tokens=128, **sampling) -> list:
+        """The generated token ids (eos not included), without stop strings."""
+        ids = self.encode(prompt)
+        out = []
+        for _ in self._stream_ids(ids, max_new_tokens, None, Sampler(**sampling),
+                                  out_ids=out):
+            pass
+        return out
+
+    def _stream_ids(self, ids, max_new_tokens, stop, sampler, out_ids=None):
+        """Check everything, then return the generator that does the work."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be an integer >= 0, "
+                             f"got {max_new_tokens!r}")
+        stop = _stop_list(stop)
+        if not ids:
+            raise GenerationError("the prompt is empty and the model adds no bos token: "
+                             "there is nothing to continue")
+        if len(ids) >= self.n_ctx:
+            raise ContextOverflowError(f"the prompt is {len(ids)} tokens; the context "
+                                       f"(n_ctx) is {self.n_ctx}, which leaves no room "
+                                       f"for a new token")
+        return self._run(ids, max_new_tokens, stop, sampler, out_ids)
+
+    def _run(self, ids, max_new_tokens, stop, sampler, out_ids):
+        """The generation loop: prefill the prompt, then sample / decode."""
+        tok = self.tokenizer
+        eos_ids = tok.eos_ids
+        n_prompt = len(ids)
+        stats = {"load_s": self.load_s, "prompt_tokens": n_prompt, "prompt_s": 0.0,
+                 "gen_tokens": 0, "gen_s": 0.0, "stopped": "length"}
+        self._set_stats(stats)
+        if max_new_tokens == 0:
+            _finish(stats)
+            return
+
+        # The cache holds what this call can reach: the last sampled token is
+        # never fed back, so prompt + max_new_tokens - 1 positions are enough.
+        state = self.transformer.new_state(
+            n_ctx=min(self.n_ctx, n_prompt + max_new_tokens))
+        decoder = tok.stream_decoder()
+        matcher = StopMatcher(stop)
+        history = list(ids)
+        n_gen = 0
+        clock = time.perf_counter
+        try:
+            start = clock()
+            logits = self.transformer.prefill(state, ids)
+            stats["prompt_s"] = clock() - start
+
+            # gen_s counts the time spent here, not the caller's time between pieces
+            while True:
+                start = clock()
+                token = sampler.sample(logits, history)
+                if token in eos_ids:
+                    stats["stopped"] = "eos"
+                    break
+                n_gen += 1
+                stats["gen_tokens"] = n_gen
+                history.append(token)
+                if out_ids is not None:
+                    out_ids.append(token)
+                text, hit = matcher.push(decoder.feed(token))
+                stats["gen_s"] += clock() - start
+                if text:
+                    yield text
+                if hit:
+                    stats["stopped"] = "stop"
+                    break
+                if n_gen >= max_new_tokens:
+                    stats["stopped"] = "length"
+                    break
+                if n_prompt + n_gen >= self.n_ctx:
+                    stats["stopped"] = "context"
+                    break
+                start = clock()
+                logits = self.transformer.decode(state, token)
+                stats["gen_s"] += clock() - start
+
+            # what the decoder and the stop matcher still hold
+            if stats["stopped"] != "stop":
+                text, hit = matcher.push(decoder.flush())
+                if hit:
+                    stats["stopped"] = "stop"
+                else:
+                    text += matcher.flush()
+                if text:
+                    yield text
+        except GeneratorExit:
+            stats["stopped"] = "interrupted"      # the caller stopped reading
+            raise
+        finally:
+            _finish(stats)
+
+    # ---------------------------------------------------------- scoring
+
+    def score(self, text: Union[str, list]) -> ScoreResult:
+        """Log-probability of each token of text given the tokens before it.
+
+        The first token has no context and gets NaN; with a model that adds a
+        bos, the bos is that first token and every token of the text is scored.
+        Text longer than n_ctx raises ContextOverflowError (no sliding window)."""
+        ids = self.encode(text)
+        if len(ids) < 2:
+            raise GenerationError(f"score needs at least 2 tokens (context + one scored), "
+                             f"the text gives {len(ids)}")
+        if len(ids) > self.n_ctx:
+            raise ContextOverflowError(f"the text is {len(ids)} tokens, longer than the "
+                                       f"context (n_ctx) of {self.n_ctx}; score shorter "
+                                       f"pieces")
+        start = time.perf_counter()
+        state = self.transformer.new_state(n_ctx=len(ids))
+        logprobs = np.full(len(ids), np.nan)
+        target = np.asarray(ids, dtype=np.int64)
+        # the last token's logits predict nothing we have, so it is not fed
+        for begin in range(0, len(ids) - 1, SCORE_CHUNK):
+            end = min(begin + SCORE_CHUNK, len(ids) - 1)
+            logits = self.transformer.prefill(state, ids[begin:end], all_logits=True)
+            logits = np.asarray(logits, dtype=np.float64).reshape(end - begin, -1)
+            logprobs[begin + 1:end + 1] = _log_softmax_at(logits, target[begin + 1:end + 1])
+        elapsed = time.perf_counter() - start
+        perplexity = float(math.exp(-np.nanmean(logprobs)))
+        self._set_stats(_finish({"load_s": self.load_s, "prompt_tokens": len(ids),
+                                 "prompt_s": elapsed, "gen_tokens": 0, "gen_s": 0.0,
+                                 "stopped": "length"}))
+        return ScoreResult(ids, logprobs, perplexity)
+
+
+def _log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """logits [n_seq, n_vocab], ids [n_seq] -> log softmax(logits[i])[ids[i]] [n_seq]."""
+    top = logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    return logits[np.arange(len(ids)), ids] - log_z
+
+
+def _finish(stats: dict) -> dict:
+    stats["prompt_tok_s"] = (stats["prompt_tokens"] / stats["prompt_s"]
+                             if stats["prompt_s"] > 0 else 0.0)
+    stats["gen_tok_s"] = stats["gen_tokens"] / stats["gen_s"] if stats["gen_s"] > 0 else 0.0
+    return stats
+
+
+def _simd_name() -> Optional[str]:
+    try:
+        from . import _kernels
+    except ImportError:
+        return None
+    for name in ("simd_name", "simd_level_name"):
+        fn = getattr(_kernels, name, None)
+        if callable(fn):
+            try:
+                return str(fn())
+            except Exception:        # a missing level is not worth failing a load
+                return None
+    return None
