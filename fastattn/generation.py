@@ -352,11 +352,11 @@ class Model:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens must be an integer >= 0, "
-                             f"got {max_new_tokens!r}")
+                                  f"got {max_new_tokens!r}")
         stop = _stop_list(stop)
         if not ids:
             raise GenerationError("the prompt is empty and the model adds no bos token: "
-                             "there is nothing to continue")
+                                  "there is nothing to continue")
         if len(ids) >= self.n_ctx:
             raise ContextOverflowError(f"the prompt is {len(ids)} tokens; the context "
                                        f"(n_ctx) is {self.n_ctx}, which leaves no room "
@@ -444,7 +444,7 @@ class Model:
         ids = self.encode(text)
         if len(ids) < 2:
             raise GenerationError(f"score needs at least 2 tokens (context + one scored), "
-                             f"the text gives {len(ids)}")
+                                  f"the text gives {len(ids)}")
         if len(ids) > self.n_ctx:
             raise ContextOverflowError(f"the text is {len(ids)} tokens, longer than the "
                                        f"context (n_ctx) of {self.n_ctx}; score shorter "

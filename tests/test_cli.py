@@ -1,0 +1,272 @@
+"""The command line, run as `python -m fastattn` in a subprocess on a tiny
+random llama GGUF, checked against the same calls made in-process."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import fastattn
+from fastattn import cli
+from fastattn.generation import Model
+from tinyllama_gguf import write_tiny_llama
+
+# the folder the fastattn under test was imported from (the source tree with an
+# in-place build, or site-packages): the subprocess must import the same one
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(write_tiny_llama(tmp_path_factory.mktemp("cli") / "tiny.gguf",
+                                            n_ctx=256))
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return Model.load(tiny, n_threads=1)
+
+
+def run(args, stdin=None, cwd=None, timeout=120):
+    """Run `python -m fastattn args`; bytes both ways, so that a '\r' in the
+    model's text reaches the test as it was printed."""
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT, PYTHONIOENCODING="utf-8")
+    r = subprocess.run([sys.executable, "-m", "fastattn", *args],
+                       input=None if stdin is None else stdin.encode(),
+                       capture_output=True, env=env, timeout=timeout,
+                       cwd=cwd or os.path.dirname(PACKAGE_ROOT))
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(),
+                                       r.stderr.decode())
+
+
+def pairs(stderr):
+    """{key: value} from the aligned `key = value` lines."""
+    return dict(re.findall(r"^(\w[\w ]*?)\s+= (.*)$", stderr, re.M))
+
+
+# ------------------------------------------------------------------ generate
+
+def test_generate_streams_the_greedy_text(tiny, model):
+    prompt = "the quick brown fox"
+    r = run(["generate", "-m", tiny, "-p", prompt, "-n", "16", "--temp", "0", "-t", "1"])
+    assert r.returncode == 0, r.stderr
+    want = model.generate(prompt, max_new_tokens=16, temperature=0)
+    assert r.stdout == prompt + want + "\n"
+
+    # the model's dimensions, aligned key = value lines
+    kv = pairs(r.stderr)
+    assert kv["n_embd"] == "64" and kv["n_layer"] == "2" and kv["n_vocab"] == "320"
+    assert kv["n_head"] == "4" and kv["n_kv_head"] == "2" and kv["n_ctx"] == "256"
+    assert kv["n_threads"] == "1" and kv["weights"] == "F32 x 21"
+    assert kv["model"] == tiny
+    widths = {line.index(" = ") for line in r.stderr.splitlines()
+              if re.match(r"^\w+\s+= ", line)}
+    assert len(widths) == 1                              # aligned
+
+    # llama.cpp-style timings
+    prompt_tokens = len(model.encode(prompt))
+    assert re.search(r"fastattn: load time\s+=\s+[\d.]+ ms", r.stderr)
+    assert re.search(rf"prompt eval time\s+=\s+[\d.]+ ms /\s+{prompt_tokens} tokens "
+                     r"\(\s*[\d.]+ ms per token,\s+[\d.]+ tokens per second\)", r.stderr)
+    assert re.search(r"eval time\s+=\s+[\d.]+ ms /\s+16 tokens \(\s*[\d.]+ ms per token,"
+                     r"\s+[\d.]+ tokens per second\)", r.stderr)
+    assert "stopped by       = length" in r.stderr
+
+
+def test_generate_options(tiny, model, tmp_path):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("once upon a time", encoding="utf-8")
+    kwargs = dict(max_new_tokens=20, temperature=0.9, top_k=20, top_p=0.9, seed=42)
+    want = model.generate("once upon a time", **kwargs)
+    r = run(["generate", "-m", tiny, "-f", str(prompt_file), "-n", "20", "--temp", "0.9",
+             "--top-k", "20", "--top-p", "0.9", "--seed", "42", "-t", "1",
+             "--no-display-prompt", "-q"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+    assert r.stderr == ""                                # -q: nothing on stderr
+
+    # a stop string from the middle of the text: printed up to it
+    stop = want[8:11]
+    expect = want[:want.find(stop)]
+    r = run(["generate", "-m", tiny, "-f", str(prompt_file), "-n", "20", "--temp", "0.9",
+             "--top-k", "20", "--top-p", "0.9", "--seed", "42", "-t", "1",
+             "--no-display-prompt", "--stop", stop])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expect + "\n"
+    assert "stopped by       = stop" in r.stderr
+
+
+def test_generate_chat(tiny, model):
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hello"}]
+    want = model.chat(messages, max_new_tokens=12, temperature=0)
+    r = run(["generate", "-m", tiny, "-p", "hello", "--chat", "--system", "be brief",
+             "-n", "12", "--temp", "0", "-t", "1"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+
+
+# -------------------------------------------------------------------- errors
+
+def test_missing_model_file(tmp_path):
+    missing = str(tmp_path / "nope.gguf")
+    r = run(["generate", "-m", missing, "-p", "hi"])
+    assert r.returncode == 1
+    assert r.stderr.startswith("fastattn: error: ")
+    assert missing in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a model file at all" * 10)
+    r = run(["info", "-m", str(bad)])
+    assert r.returncode == 1
+    assert "fastattn: error: " in r.stderr and str(bad) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_flag():
+    r = run(["generate", "--no-such-flag"])
+    assert r.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_values(tiny):
+    r = run(["generate", "-m", tiny, "-p", "hi", "--top-p", "1.5", "-t", "1"])
+    assert r.returncode == 1
+    assert "fastattn: error: top_p must be in (0.0, 1.0], got 1.5" in r.stderr
+    r = run(["generate", "-m", tiny, "-p", "hi", "-t", "0"])
+    assert r.returncode == 2 and "must be a positive integer" in r.stderr
+    r = run(["generate", "-m", tiny])
+    assert r.returncode == 2 and "needs a prompt" in r.stderr
+    r = run(["generate", "-m", tiny, "-f", "/nonexistent/prompt.txt"])
+    assert r.returncode == 1 and "/nonexistent/prompt.txt: cannot read" in r.stderr
+
+
+def test_prompt_too_long(tiny):
+    r = run(["generate", "-m", tiny, "-p", "the quick brown fox " * 100, "-t", "1"])
+    assert r.returncode == 1
+    assert re.search(r"fastattn: error: the prompt is \d+ tokens; the context \(n_ctx\) "
+                     r"is 256", r.stderr)
+
+
+def test_no_command():
+    r = run([])
+    assert r.returncode == 2 and "fastattn: error" in r.stderr
+
+
+# ---------------------------------------------------------------------- chat
+
+def test_chat_with_piped_stdin(tiny, model):
+    kwargs = dict(max_new_tokens=10, temperature=0)
+    system = [{"role": "system", "content": "you are a test"}]
+    first = model.chat(system + [{"role": "user", "content": "hello"}], **kwargs)
+    second = model.chat(system + [{"role": "user", "content": "hello"},
+                                  {"role": "assistant", "content": first},
+                                  {"role": "user", "content": "and then?"}], **kwargs)
+    r = run(["chat", "-m", tiny, "--system", "you are a test", "-n", "10", "--temp", "0",
+             "-t", "1"], stdin="hello\n\nand then?\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == first + "\n" + second + "\n"
+
+
+def test_chat_at_eof_right_away(tiny):
+    r = run(["chat", "-m", tiny, "-t", "1"], stdin="")
+    assert r.returncode == 0 and r.stdout == ""
+
+
+# --------------------------------------------------------------------- score
+
+def test_score(tiny, model, tmp_path):
+    text = "the quick brown fox jumps over the lazy dog"
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    result = model.score(text)
+    r = run(["score", str(path), "-m", tiny, "-t", "1", "-v"])
+    assert r.returncode == 0, r.stderr
+    assert float(pairs(r.stdout)["perplexity"]) == pytest.approx(result.perplexity, rel=1e-5)
+    assert int(pairs(r.stdout)["tokens"]) == len(result.tokens)
+    rows = re.findall(r"^\s*(\d+)\s+(\d+)\s+(\S+)\s", r.stdout, re.M)
+    assert len(rows) == len(result.tokens)
+    assert [int(t) for _, t, _ in rows] == result.tokens
+    for (_, _, lp), want in zip(rows[1:], result.token_logprobs[1:]):
+        assert float(lp) == pytest.approx(want, abs=1e-4)
+
+
+# ---------------------------------------------------------------------- info
+
+def test_info(tiny):
+    r = run(["info", "-m", tiny])
+    assert r.returncode == 0, r.stderr
+    kv = pairs(r.stdout)
+    assert kv["arch"] == "llama" and kv["n_layer"] == "2" and kv["n_ff"] == "128"
+    assert kv["tensors F32"] == "21" and kv["chat_template"] == "yes"
+    assert kv["tied_output"] == "False"
+
+
+# ------------------------------------------------------------- Ctrl-C (in-process)
+
+def interrupt_after(n_pieces, method):
+    """Wrap Model.<method> so that its stream raises KeyboardInterrupt after
+    n_pieces pieces, as Ctrl-C would."""
+    real = getattr(Model, method)
+
+    def wrapped(self, *args, **kwargs):
+        pieces = real(self, *args, **kwargs)
+
+        def gen():
+            for i, piece in enumerate(pieces):
+                if i == n_pieces:
+                    pieces.close()
+                    raise KeyboardInterrupt
+                yield piece
+        return gen()
+    return wrapped
+
+
+def test_ctrl_c_during_generate(tiny, model, monkeypatch, capsys):
+    want = list(model.stream("hello", max_new_tokens=20, temperature=0))
+    monkeypatch.setattr(Model, "stream", interrupt_after(3, "stream"))
+    status = cli.main(["generate", "-m", tiny, "-p", "hello", "-n", "20", "--temp", "0",
+                       "-t", "1"])
+    out, errors = capsys.readouterr()
+    assert status == 130
+    assert out == "hello" + "".join(want[:3]) + "\n"
+    assert "eval time" in errors
+
+
+def test_ctrl_c_during_a_chat_reply_returns_to_the_prompt(tiny, model, monkeypatch,
+                                                         capsys):
+    import io
+    kwargs = dict(max_new_tokens=10, temperature=0)
+    first = list(model.chat([{"role": "user", "content": "hello"}], stream=True, **kwargs))
+    cut = "".join(first[:2])
+    second = model.chat([{"role": "user", "content": "hello"},
+                         {"role": "assistant", "content": cut},
+                         {"role": "user", "content": "more"}], **kwargs)
+
+    real_chat = Model.chat
+    calls = []
+
+    def cut_after(pieces, n):
+        for i, piece in enumerate(pieces):
+            if i == n:
+                pieces.close()
+                raise KeyboardInterrupt          # Ctrl-C in the middle of the reply
+            yield piece
+
+    def chat(self, messages, stream=False, **kw):
+        calls.append(messages)
+        pieces = real_chat(self, messages, stream=True, **kw)
+        return cut_after(pieces, 2) if len(calls) == 1 else pieces
+
+    monkeypatch.setattr(Model, "chat", chat)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nmore\n"))
+    status = cli.main(["chat", "-m", tiny, "-n", "10", "--temp", "0", "-t", "1", "-q"])
+    out, _ = capsys.readouterr()
+    assert status == 0
+    assert out == cut + "\n" + second + "\n"
+    assert calls[1][1] == {"role": "assistant", "content": cut}
