@@ -86,7 +86,8 @@ const char *fa_simd_name(int level) {
 
 const fa_kernels *fa_kernels_current(void) {
     switch (fa_simd_level()) {
-    /* the vector kernels are not written yet: every level runs generic */
+    case FA_SIMD_AVX512: return &fa_kernels_avx512;
+    case FA_SIMD_AVX2: return &fa_kernels_avx2;
     default: return &fa_kernels_generic;
     }
 }

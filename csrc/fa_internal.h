@@ -22,9 +22,14 @@ typedef void (*fa_dot_fn)(const void *wrow, const float *x, int64_t ldx, int nr,
 typedef struct {
     fa_dot_fn dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0, dot_q4_1;
     int max_rows;  /* rows the level's kernels take at once, <= FA_MAX_ROWS */
-    /* attention inner loops over one head: y := sum_i a[i] * b[i]; y += a * x */
-    float (*dot)(const float *a, const float *b, int64_t n);
-    void (*axpy)(float *y, float a, const float *x, int64_t n);
+    /* attention over one head, head_dim = n:
+     * scores: score[t] = scale * sum_i q[i] k[t, i]         t < n_t
+     * wsum:   out[i] = sum_t p[t] v[t, i], t in order      i < n
+     * softmax_exp: p[t] = exp(score[t] - mx), returns sum_t p[t] */
+    void (*scores)(float *score, const float *q, const float *k, int64_t n_t,
+                   int64_t n, float scale);
+    void (*wsum)(float *out, const float *p, const float *v, int64_t n_t, int64_t n);
+    float (*softmax_exp)(float *score, int64_t n_t, float mx);
 } fa_kernels;
 
 extern const fa_kernels fa_kernels_generic;

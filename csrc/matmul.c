@@ -99,21 +99,38 @@ GENERIC_DOT(generic_dot_q8_0, FA_Q8_0)
 GENERIC_DOT(generic_dot_q4_0, FA_Q4_0)
 GENERIC_DOT(generic_dot_q4_1, FA_Q4_1)
 
-/* Attention's inner loops over one head_dim vector. */
-static float generic_vec_dot(const float *a, const float *b, int64_t n) {
-    float acc[8] = {0};
-    for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * b[i];
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+/* Attention's inner loops over one head (see fa_kernels). */
+static void generic_scores(float *score, const float *q, const float *k, int64_t n_t,
+                           int64_t n, float scale) {
+    for (int64_t t = 0; t < n_t; t++) {
+        const float *kt = k + t * n;
+        float acc[8] = {0};
+        for (int64_t i = 0; i < n; i++) acc[i & 7] += q[i] * kt[i];
+        score[t] = scale * (((acc[0] + acc[1]) + (acc[2] + acc[3]))
+                            + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+    }
 }
 
-static void generic_vec_axpy(float *y, float a, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+static void generic_wsum(float *out, const float *p, const float *v, int64_t n_t,
+                         int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t < n_t; t++)
+        for (int64_t i = 0; i < n; i++) out[i] += p[t] * v[t * n + i];
+}
+
+static float generic_softmax_exp(float *score, int64_t n_t, float mx) {
+    float sum = 0.0f;
+    for (int64_t t = 0; t < n_t; t++) {
+        score[t] = expf(score[t] - mx);
+        sum += score[t];
+    }
+    return sum;
 }
 
 const fa_kernels fa_kernels_generic = {
     generic_dot_f32, generic_dot_f16, generic_dot_bf16,
     generic_dot_q8_0, generic_dot_q4_0, generic_dot_q4_1,
-    FA_MAX_ROWS, generic_vec_dot, generic_vec_axpy,
+    FA_MAX_ROWS, generic_scores, generic_wsum, generic_softmax_exp,
 };
 
 /* ---------------------------------------------------------------- driver */

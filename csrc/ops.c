@@ -153,22 +153,14 @@ void fa_attention(const float *q, const float *k, const float *v, float *out,
         float *oh = out + s * row + (int64_t)h * head_dim;
 
         /* scores = q k^T / sqrt(head_dim) and their max */
+        kern->scores(score, qh, kh, n_t, head_dim, scale);
         float mx = -INFINITY;
-        for (int64_t t = 0; t < n_t; t++) {
-            score[t] = kern->dot(qh, kh + t * head_dim, head_dim) * scale;
+        for (int64_t t = 0; t < n_t; t++)
             if (score[t] > mx) mx = score[t];
-        }
 
-        /* softmax numerators */
-        float sum = 0.0f;
-        for (int64_t t = 0; t < n_t; t++) {
-            score[t] = expf(score[t] - mx);
-            sum += score[t];
-        }
-
-        /* out = (sum_t p_t v_t) / sum_t p_t */
-        for (int i = 0; i < head_dim; i++) oh[i] = 0.0f;
-        for (int64_t t = 0; t < n_t; t++) kern->axpy(oh, score[t], vh + t * head_dim, head_dim);
+        /* softmax numerators, then out = (sum_t p_t v_t) / sum_t p_t */
+        float sum = kern->softmax_exp(score, n_t, mx);
+        kern->wsum(oh, score, vh, n_t, head_dim);
         float inv = 1.0f / sum;
         for (int i = 0; i < head_dim; i++) oh[i] *= inv;
     }

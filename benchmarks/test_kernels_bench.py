@@ -1,0 +1,136 @@
+"""Kernel benchmarks (pytest-benchmark).  Run from the repo root:
+
+    python -m pytest benchmarks/test_kernels_bench.py --benchmark-columns=mean,stddev,ops
+
+Shapes are SmolLM2-135M's: n_embd 576, n_ff 1536, vocab 49152.  Each GEMV
+records the weight bytes it streams and the GB/s achieved in extra_info (and
+prints them with -s).  `test_model_pass` runs one GEMV over every matrix of a
+SmolLM2-sized model (30 layers of Q4_1 plus the Q8_0 output head, ~96 MB, far
+larger than L3), which bounds decode speed from memory traffic alone.
+Levels: set FASTATTN_SIMD, or see the `level` parameter of the GEMV benchmarks.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from fastattn import _kernels as K
+from fastattn import weights as W
+
+N_THREADS = os.cpu_count() or 1
+LEVELS = K.available_simd_levels()
+TYPES = [W.F32, W.F16, W.BF16, W.Q8_0, W.Q4_0, W.Q4_1]
+
+
+@pytest.fixture(params=LEVELS)
+def level(request):
+    before = K.simd_level()
+    K.set_simd_level(request.param)
+    yield request.param
+    K.set_simd_level(before)
+
+
+def random_weight(qtype, n_out, n_in, seed=0):
+    """A weight of random bytes with sane scales (quantizing 28M floats in numpy
+    would dominate the benchmark's setup time)."""
+    rng = np.random.default_rng(seed)
+    rb = W.row_bytes(qtype, n_in)
+    if qtype in (W.F32, W.F16, W.BF16):
+        return W.WeightTensor.from_float(rng.standard_normal((n_out, n_in), np.float32)
+                                         * 0.05, qtype)
+    data = rng.integers(0, 256, size=(n_out, rb), dtype=np.uint8)
+    blocks = data.reshape(-1, W.TYPES[qtype][2])
+    scale = np.array([0.01], np.float16).view(np.uint8)
+    blocks[:, 0:2] = scale                            # d
+    if qtype == W.Q4_1:
+        blocks[:, 2:4] = np.array([-0.08], np.float16).view(np.uint8)  # m
+    return W.WeightTensor(data, qtype, (n_out, n_in))
+
+
+def report(benchmark, nbytes, label):
+    mean = benchmark.stats.stats.mean
+    gbs = nbytes / mean / 1e9
+    benchmark.extra_info["weight_bytes"] = nbytes
+    benchmark.extra_info["GB/s"] = round(gbs, 2)
+    print(f"\n{label}: {mean * 1e6:9.1f} us  {gbs:6.2f} GB/s")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=W.type_name)
+@pytest.mark.parametrize("n_out,n_in", [(576, 1536), (1536, 576), (49152, 576)])
+def test_gemv(benchmark, level, qtype, n_out, n_in):
+    if n_out == 49152 and qtype in (W.F32, W.F16, W.BF16) and level == "generic":
+        pytest.skip("slow and uninformative")
+    w = random_weight(qtype, n_out, n_in)
+    x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
+    benchmark(K.matmul, w, x, N_THREADS)
+    report(benchmark, w.data.nbytes,
+           f"gemv {W.type_name(qtype)} {n_out}x{n_in} {level} x{N_THREADS}")
+
+
+@pytest.mark.parametrize("qtype", [W.F32, W.Q8_0, W.Q4_1], ids=W.type_name)
+def test_gemm_prefill(benchmark, qtype):
+    """512 rows through a 1536x576 weight: the cache-aware path."""
+    w = random_weight(qtype, 1536, 576)
+    x = np.random.default_rng(1).standard_normal((512, 576)).astype(np.float32)
+    benchmark(K.matmul, w, x, N_THREADS)
+    flops = 2 * 512 * 1536 * 576
+    benchmark.extra_info["GFLOP/s"] = round(flops / benchmark.stats.stats.mean / 1e9, 1)
+    print(f"\ngemm {W.type_name(qtype)} 512x1536x576 {K.simd_name()}: "
+          f"{benchmark.extra_info['GFLOP/s']} GFLOP/s")
+
+
+@pytest.mark.parametrize("n_ctx", [128, 1024, 4096])
+@pytest.mark.parametrize("n_seq", [1, 64])
+def test_attention(benchmark, n_ctx, n_seq):
+    """SmolLM2 heads: 9 query heads over 3 KV heads of 64."""
+    if n_seq > n_ctx:
+        pytest.skip("prefill longer than the context")
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((n_seq, 9 * 64)).astype(np.float32)
+    k = rng.standard_normal((3, n_ctx, 64)).astype(np.float32)
+    v = rng.standard_normal((3, n_ctx, 64)).astype(np.float32)
+    benchmark(K.attention, q, k, v, n_ctx - n_seq, 9, 3, N_THREADS)
+
+
+@pytest.mark.parametrize("n_seq", [1, 512])
+def test_rms_norm(benchmark, n_seq):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n_seq, 576)).astype(np.float32)
+    g = rng.standard_normal(576).astype(np.float32)
+    benchmark(K.rms_norm, x, g, 1e-5, N_THREADS)
+
+
+@pytest.mark.parametrize("n_seq", [1, 512])
+def test_swiglu(benchmark, n_seq):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n_seq, 1536)).astype(np.float32)
+    b = rng.standard_normal((n_seq, 1536)).astype(np.float32)
+    benchmark(K.swiglu, a, b, N_THREADS)
+
+
+def smollm2_matrices():
+    """One weight per matrix a SmolLM2-135M decode step reads, as (n_out, n_in, type)."""
+    layer = [(576, 576), (192, 576), (192, 576), (576, 576),      # q k v o
+             (1536, 576), (1536, 576), (576, 1536)]               # gate up down
+    mats = [(o, i, W.Q4_1) for _ in range(30) for o, i in layer]
+    return mats + [(49152, 576, W.Q8_0)]                          # tied output head
+
+
+@pytest.fixture(scope="module")
+def model_weights():
+    return [random_weight(t, o, i, seed=n) for n, (o, i, t) in enumerate(smollm2_matrices())]
+
+
+def test_model_pass(benchmark, level, model_weights):
+    """A GEMV over every matrix of a SmolLM2-sized model, one call each."""
+    xs = {n: np.random.default_rng(n).standard_normal((1, n)).astype(np.float32)
+          for n in (576, 1536)}
+
+    def one_pass():
+        for w in model_weights:
+            K.matmul(w, xs[w.n_in], N_THREADS)
+
+    benchmark(one_pass)
+    nbytes = sum(w.data.nbytes for w in model_weights)
+    report(benchmark, nbytes, f"model pass {nbytes / 1e6:.0f} MB {level} x{N_THREADS}")
+    print(f"  = {1 / benchmark.stats.stats.mean:.0f} passes/s (tok/s bound from weights)")

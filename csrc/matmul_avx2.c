@@ -1,0 +1,277 @@
+/*
+ * AVX2 kernels (with FMA and F16C): the fa_kernels_avx2 table.
+ *
+ * Compiled for that target with function attributes; dispatch.c only hands
+ * this table out when CPUID says the CPU runs it.
+ *
+ * Order of operations:
+ *   float types   value i goes to accumulator (i / 8) % 4, lane i % 8
+ *   block types   block b is dequantized in registers (four vectors of 8)
+ *                 and vector j goes to accumulator j
+ *   the four accumulators are added as (a0 + a1) + (a2 + a3), then lanes.
+ * Each x row has its own accumulators, so a kernel applying a weight row to
+ * nr (<= 2, what 16 registers hold) x rows computes each row as it would alone.
+ */
+#include <math.h>
+
+#include "fa_internal.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define T256 __attribute__((target("avx2,fma,f16c")))
+#define INL static inline __attribute__((always_inline)) T256
+#define AVX2_ROWS 2
+
+/* ------------------------------------------------------------ helpers */
+
+INL float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INL float hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+/* A maskload mask selecting lanes [0, rem), rem clamped to 0 .. 8. */
+INL __m256i tail_mask(int64_t rem) {
+    if (rem < 0) rem = 0;
+    if (rem > 8) rem = 8;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)rem),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+INL __m256 load_w_full(int type, const uint8_t *w, int64_t i) {
+    if (type == FA_F32) return _mm256_loadu_ps((const float *)w + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    if (type == FA_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Weights i .. i + rem - 1 (rem < 8) of a float-type row, the rest 0. */
+INL __m256 load_w_part(int type, const uint8_t *w, int64_t i, int64_t rem) {
+    if (type == FA_F32) return _mm256_maskload_ps((const float *)w + i, tail_mask(rem));
+    float tmp[8] = {0};
+    for (int64_t j = 0; j < rem; j++) {
+        uint16_t h = fa_read_u16(w + 2 * (i + j));
+        tmp[j] = type == FA_F16 ? fa_f16_to_f32(h) : fa_bf16_to_f32(h);
+    }
+    return _mm256_loadu_ps(tmp);
+}
+
+/* ------------------------------------------------------ float-type dots */
+
+INL void dot_float(int type, const uint8_t *w, const float *x, int64_t ldx, const int nr,
+                   int64_t n, float *y, int64_t ldy) {
+    __m256 acc[AVX2_ROWS][4];
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_ps();
+
+    /* whole groups of 32 values */
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        for (int j = 0; j < 4; j++) {
+            __m256 wv = load_w_full(type, w, i + 8 * j);
+            for (int r = 0; r < nr; r++)
+                acc[r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + i + 8 * j),
+                                            acc[r][j]);
+        }
+    }
+
+    /* the last 0 .. 31 values, same accumulator per 8 as above */
+    for (int j = 0; j < 4 && i + 8 * j < n; j++) {
+        int64_t at = i + 8 * j, rem = n - at;
+        __m256 wv = rem >= 8 ? load_w_full(type, w, at) : load_w_part(type, w, at, rem);
+        __m256i m = tail_mask(rem);
+        for (int r = 0; r < nr; r++)
+            acc[r][j] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + r * ldx + at, m), acc[r][j]);
+    }
+
+    for (int r = 0; r < nr; r++)
+        y[r * ldy] = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+}
+
+/* ------------------------------------------------------ block-type dots */
+
+/* Dequantize one 32-value block into w[0..3], 8 values each, in order. */
+INL void decode_block(int type, const uint8_t *b, __m256 w[4]) {
+    if (type == FA_Q8_0) {
+        __m256 d = _mm256_set1_ps(_cvtsh_ss(fa_read_u16(b)));
+        for (int j = 0; j < 4; j++) {
+            __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * j));
+            w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+        }
+        return;
+    }
+    /* byte j of qs: value j in its low nibble, value j + 16 in its high one */
+    const int q4_1 = type == FA_Q4_1;
+    __m128i qs = _mm_loadu_si128((const __m128i *)(b + (q4_1 ? 4 : 2)));
+    __m256i v0 = _mm256_cvtepu8_epi32(qs);
+    __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(qs, 8));
+    __m256i low = _mm256_set1_epi32(15);
+    __m256i q[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),
+                    _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)};
+    if (q4_1) {
+        uint32_t dm_bits;
+        memcpy(&dm_bits, b, 4);
+        __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm_bits));
+        __m256 d = _mm256_broadcastss_ps(dm);
+        __m256 m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+        for (int j = 0; j < 4; j++) w[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[j]), d, m);
+    } else {
+        __m256 d = _mm256_set1_ps(_cvtsh_ss(fa_read_u16(b)));
+        __m256i eight = _mm256_set1_epi32(8);
+        for (int j = 0; j < 4; j++)
+            w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[j], eight)), d);
+    }
+}
+
+INL void dot_blocks(int type, size_t block_bytes, const uint8_t *w, const float *x,
+                    int64_t ldx, const int nr, int64_t n, float *y, int64_t ldy) {
+    __m256 acc[AVX2_ROWS][4];
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_ps();
+    const int64_t nb = n / FA_QK;
+    __m256 wv[4];
+
+    for (int64_t b = 0; b < nb; b++) {
+        decode_block(type, w + b * block_bytes, wv);
+        for (int r = 0; r < nr; r++) {
+            const float *xb = x + r * ldx + b * FA_QK;
+            for (int j = 0; j < 4; j++)
+                acc[r][j] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xb + 8 * j), acc[r][j]);
+        }
+    }
+
+    for (int r = 0; r < nr; r++)
+        y[r * ldy] = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+}
+
+#define DOT_ENTRY(name, call)                                                          \
+    T256 static void name(const void *wrow, const float *x, int64_t ldx, int nr,       \
+                          int64_t n, float *y, int64_t ldy) {                          \
+        const uint8_t *w = (const uint8_t *)wrow;                                      \
+        if (nr == 1) call(1); else call(2);                                            \
+    }
+
+#define CALL_F32(R) dot_float(FA_F32, w, x, ldx, R, n, y, ldy)
+#define CALL_F16(R) dot_float(FA_F16, w, x, ldx, R, n, y, ldy)
+#define CALL_BF16(R) dot_float(FA_BF16, w, x, ldx, R, n, y, ldy)
+#define CALL_Q8_0(R) dot_blocks(FA_Q8_0, FA_Q8_0_BYTES, w, x, ldx, R, n, y, ldy)
+#define CALL_Q4_0(R) dot_blocks(FA_Q4_0, FA_Q4_0_BYTES, w, x, ldx, R, n, y, ldy)
+#define CALL_Q4_1(R) dot_blocks(FA_Q4_1, FA_Q4_1_BYTES, w, x, ldx, R, n, y, ldy)
+DOT_ENTRY(avx2_dot_f32, CALL_F32)
+DOT_ENTRY(avx2_dot_f16, CALL_F16)
+DOT_ENTRY(avx2_dot_bf16, CALL_BF16)
+DOT_ENTRY(avx2_dot_q8_0, CALL_Q8_0)
+DOT_ENTRY(avx2_dot_q4_0, CALL_Q4_0)
+DOT_ENTRY(avx2_dot_q4_1, CALL_Q4_1)
+
+/* ----------------------------------------------------------- attention */
+
+T256 static void avx2_scores(float *score, const float *q, const float *k, int64_t n_t,
+                             int64_t n, float scale) {
+    for (int64_t t = 0; t < n_t; t++) {
+        const float *kt = k + t * n;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kt + i), acc);
+        if (i < n) {
+            __m256i m = tail_mask(n - i);
+            acc = _mm256_fmadd_ps(_mm256_maskload_ps(q + i, m), _mm256_maskload_ps(kt + i, m),
+                                  acc);
+        }
+        score[t] = scale * hsum8(acc);
+    }
+}
+
+/* out[i] = sum_t p[t] v[t, i], 32 columns at a time held in registers. */
+T256 static void avx2_wsum(float *out, const float *p, const float *v, int64_t n_t,
+                           int64_t n) {
+    for (int64_t i0 = 0; i0 < n; i0 += 32) {
+        __m256i m0 = tail_mask(n - i0), m1 = tail_mask(n - i0 - 8);
+        __m256i m2 = tail_mask(n - i0 - 16), m3 = tail_mask(n - i0 - 24);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        if (n - i0 >= 32) {
+            for (int64_t t = 0; t < n_t; t++) {
+                const float *vt = v + t * n + i0;
+                __m256 pt = _mm256_set1_ps(p[t]);
+                a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt), a0);
+                a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8), a1);
+                a2 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 16), a2);
+                a3 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 24), a3);
+            }
+        } else {
+            for (int64_t t = 0; t < n_t; t++) {
+                const float *vt = v + t * n + i0;
+                __m256 pt = _mm256_set1_ps(p[t]);
+                a0 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt, m0), a0);
+                a1 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt + 8, m1), a1);
+                a2 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt + 16, m2), a2);
+                a3 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt + 24, m3), a3);
+            }
+        }
+        _mm256_maskstore_ps(out + i0, m0, a0);
+        _mm256_maskstore_ps(out + i0 + 8, m1, a1);
+        _mm256_maskstore_ps(out + i0 + 16, m2, a2);
+        _mm256_maskstore_ps(out + i0 + 24, m3, a3);
+    }
+}
+
+/* exp(x) for x <= 0: x = n ln2 + r, exp(r) by Cephes' expf polynomial, 2^n
+ * built in the exponent bits; below -87.3 (where 2^n leaves the normal
+ * range) the result is 0. */
+INL __m256 exp256(__m256 x) {
+    __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 nf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf),
+                                                   _mm256_set1_epi32(127)), 23);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(tiny, p);
+}
+
+T256 static float avx2_softmax_exp(float *score, int64_t n_t, float mx) {
+    __m256 sum = _mm256_setzero_ps();
+    __m256 vmx = _mm256_set1_ps(mx);
+    int64_t t = 0;
+    for (; t + 8 <= n_t; t += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(score + t), vmx));
+        _mm256_storeu_ps(score + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if (t < n_t) {
+        __m256i m = tail_mask(n_t - t);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(score + t, m), vmx));
+        e = _mm256_and_ps(e, _mm256_castsi256_ps(m));
+        _mm256_maskstore_ps(score + t, m, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    return hsum8(sum);
+}
+
+const fa_kernels fa_kernels_avx2 = {
+    avx2_dot_f32, avx2_dot_f16, avx2_dot_bf16,
+    avx2_dot_q8_0, avx2_dot_q4_0, avx2_dot_q4_1,
+    AVX2_ROWS, avx2_scores, avx2_wsum, avx2_softmax_exp,
+};
+
+#else  /* not x86-64 with GCC-style intrinsics: never selected by dispatch.c */
+
+const fa_kernels fa_kernels_avx2 = {0};
+
+#endif

@@ -1,0 +1,264 @@
+/*
+ * AVX-512 kernels (F, BW, VL, with FMA and F16C): the fa_kernels_avx512 table.
+ *
+ * Compiled for that target with function attributes, so the rest of the
+ * build stays portable; dispatch.c only hands this table out when CPUID says
+ * the CPU runs it.
+ *
+ * Order of operations (what makes results reproducible):
+ *   float types   value i goes to accumulator (i / 16) % 4, lane i % 16
+ *   block types   block b is dequantized in registers (32 values, two
+ *                 vectors) and goes to accumulators 2 (b % 2) and 2 (b % 2) + 1
+ *   the four accumulators are added as (a0 + a1) + (a2 + a3), then lanes.
+ * Each x row has its own accumulators, so a kernel applying a weight row to
+ * nr x rows computes every row exactly as it would alone.
+ */
+#include <math.h>
+
+#include "fa_internal.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define INL static inline __attribute__((always_inline)) T512
+
+/* ------------------------------------------------------------ helpers */
+
+INL float hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+/* Lanes [0, rem) of a 16-lane vector, rem clamped to 0 .. 16. */
+INL __mmask16 tail_mask(int64_t rem) {
+    if (rem <= 0) return 0;
+    if (rem >= 16) return 0xffff;
+    return (__mmask16)((1u << rem) - 1);
+}
+
+/* 16 weights from index i of a float-type row, lanes outside m read as 0. */
+INL __m512 load_w(int type, const uint8_t *w, int64_t i, __mmask16 m) {
+    if (type == FA_F32) return _mm512_maskz_loadu_ps(m, (const float *)w + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i);
+    if (type == FA_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+INL __m512 load_w_full(int type, const uint8_t *w, int64_t i) {
+    if (type == FA_F32) return _mm512_loadu_ps((const float *)w + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    if (type == FA_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* ------------------------------------------------------ float-type dots */
+
+INL void dot_float(int type, const uint8_t *w, const float *x, int64_t ldx, const int nr,
+                   int64_t n, float *y, int64_t ldy) {
+    __m512 acc[FA_MAX_ROWS][4];
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+
+    /* whole groups of 64 values */
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        for (int j = 0; j < 4; j++) {
+            __m512 wv = load_w_full(type, w, i + 16 * j);
+            for (int r = 0; r < nr; r++)
+                acc[r][j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * ldx + i + 16 * j),
+                                            acc[r][j]);
+        }
+    }
+
+    /* the last 0 .. 63 values, masked, same accumulator per 16 as above */
+    if (i < n) {
+        for (int j = 0; j < 4; j++) {
+            __mmask16 m = tail_mask(n - i - 16 * j);
+            if (!m) break;
+            __m512 wv = load_w(type, w, i + 16 * j, m);
+            for (int r = 0; r < nr; r++)
+                acc[r][j] = _mm512_fmadd_ps(
+                    wv, _mm512_maskz_loadu_ps(m, x + r * ldx + i + 16 * j), acc[r][j]);
+        }
+    }
+
+    for (int r = 0; r < nr; r++)
+        y[r * ldy] = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+}
+
+/* ------------------------------------------------------ block-type dots */
+
+/* Dequantize one 32-value block into w0 (values 0..15) and w1 (16..31). */
+INL void decode_block(int type, const uint8_t *b, __m512 *w0, __m512 *w1) {
+    if (type == FA_Q8_0) {
+        __m512 d = _mm512_set1_ps(_cvtsh_ss(fa_read_u16(b)));
+        __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)));
+        __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)));
+        *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d);
+        *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d);
+    } else {
+        /* Q4_0: d * (q - 8); Q4_1: d * q + m.  The 16 possible values of the
+         * block go in a table, and each nibble picks its value by vpermps
+         * (which reads only the low 4 bits of each index): cheaper than
+         * converting 32 integers, and the same numbers as fma(q, d, m). */
+        const __m512 k16 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512 table;
+        __m512i v;
+        if (type == FA_Q4_0) {
+            __m512 d = _mm512_set1_ps(_cvtsh_ss(fa_read_u16(b)));
+            table = _mm512_mul_ps(_mm512_sub_ps(k16, _mm512_set1_ps(8.0f)), d);
+            v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)));
+        } else {
+            uint32_t dm_bits;
+            memcpy(&dm_bits, b, 4);
+            __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm_bits));
+            __m512 d = _mm512_broadcastss_ps(dm);
+            __m512 m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+            table = _mm512_fmadd_ps(k16, d, m);
+            v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 4)));
+        }
+        *w0 = _mm512_permutexvar_ps(v, table);                        /* low nibbles */
+        *w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);  /* high nibbles */
+    }
+}
+
+INL void dot_blocks(int type, size_t block_bytes, const uint8_t *w, const float *x,
+                    int64_t ldx, const int nr, int64_t n, float *y, int64_t ldy) {
+    __m512 acc[FA_MAX_ROWS][4];
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    const int64_t nb = n / FA_QK;
+    __m512 w0, w1;
+
+    /* pairs of blocks: even ones to accumulators 0, 1, odd ones to 2, 3 */
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        for (int k = 0; k < 2; k++) {
+            decode_block(type, w + (b + k) * block_bytes, &w0, &w1);
+            for (int r = 0; r < nr; r++) {
+                const float *xb = x + r * ldx + (b + k) * FA_QK;
+                acc[r][2 * k] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[r][2 * k]);
+                acc[r][2 * k + 1] =
+                    _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[r][2 * k + 1]);
+            }
+        }
+    }
+    if (b < nb) {
+        decode_block(type, w + b * block_bytes, &w0, &w1);
+        for (int r = 0; r < nr; r++) {
+            const float *xb = x + r * ldx + b * FA_QK;
+            acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[r][1]);
+        }
+    }
+
+    for (int r = 0; r < nr; r++)
+        y[r * ldy] = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+}
+
+/* One entry point per type; the switch makes nr a constant in each copy. */
+#define DOT_ENTRY(name, call)                                                          \
+    T512 static void name(const void *wrow, const float *x, int64_t ldx, int nr,       \
+                          int64_t n, float *y, int64_t ldy) {                          \
+        const uint8_t *w = (const uint8_t *)wrow;                                      \
+        switch (nr) {                                                                  \
+        case 1: call(1); break;                                                        \
+        case 2: call(2); break;                                                        \
+        case 3: call(3); break;                                                        \
+        default: call(4); break;                                                       \
+        }                                                                              \
+    }
+
+#define CALL_F32(R) dot_float(FA_F32, w, x, ldx, R, n, y, ldy)
+#define CALL_F16(R) dot_float(FA_F16, w, x, ldx, R, n, y, ldy)
+#define CALL_BF16(R) dot_float(FA_BF16, w, x, ldx, R, n, y, ldy)
+#define CALL_Q8_0(R) dot_blocks(FA_Q8_0, FA_Q8_0_BYTES, w, x, ldx, R, n, y, ldy)
+#define CALL_Q4_0(R) dot_blocks(FA_Q4_0, FA_Q4_0_BYTES, w, x, ldx, R, n, y, ldy)
+#define CALL_Q4_1(R) dot_blocks(FA_Q4_1, FA_Q4_1_BYTES, w, x, ldx, R, n, y, ldy)
+DOT_ENTRY(avx512_dot_f32, CALL_F32)
+DOT_ENTRY(avx512_dot_f16, CALL_F16)
+DOT_ENTRY(avx512_dot_bf16, CALL_BF16)
+DOT_ENTRY(avx512_dot_q8_0, CALL_Q8_0)
+DOT_ENTRY(avx512_dot_q4_0, CALL_Q4_0)
+DOT_ENTRY(avx512_dot_q4_1, CALL_Q4_1)
+
+/* ----------------------------------------------------------- attention */
+
+T512 static void avx512_scores(float *score, const float *q, const float *k, int64_t n_t,
+                               int64_t n, float scale) {
+    for (int64_t t = 0; t < n_t; t++) {
+        const float *kt = k + t * n;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = tail_mask(n - i);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i),
+                                  _mm512_maskz_loadu_ps(m, kt + i), acc);
+        }
+        score[t] = scale * _mm512_reduce_add_ps(acc);
+    }
+}
+
+/* out[i] = sum_t p[t] v[t, i], 64 columns at a time held in registers. */
+T512 static void avx512_wsum(float *out, const float *p, const float *v, int64_t n_t,
+                             int64_t n) {
+    for (int64_t i0 = 0; i0 < n; i0 += 64) {
+        __mmask16 m0 = tail_mask(n - i0), m1 = tail_mask(n - i0 - 16);
+        __mmask16 m2 = tail_mask(n - i0 - 32), m3 = tail_mask(n - i0 - 48);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t t = 0; t < n_t; t++) {
+            const float *vt = v + t * n + i0;
+            __m512 pt = _mm512_set1_ps(p[t]);
+            a0 = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m0, vt), a0);
+            a1 = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m1, vt + 16), a1);
+            a2 = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m2, vt + 32), a2);
+            a3 = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m3, vt + 48), a3);
+        }
+        _mm512_mask_storeu_ps(out + i0, m0, a0);
+        _mm512_mask_storeu_ps(out + i0 + 16, m1, a1);
+        _mm512_mask_storeu_ps(out + i0 + 32, m2, a2);
+        _mm512_mask_storeu_ps(out + i0 + 48, m3, a3);
+    }
+}
+
+/* exp(x) for x <= 0 (softmax after the max is subtracted): x = n ln2 + r,
+ * |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (Cephes' expf
+ * coefficients), times 2^n by scalef, which underflows to 0 gracefully. */
+INL __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, nf);
+}
+
+T512 static float avx512_softmax_exp(float *score, int64_t n_t, float mx) {
+    __m512 sum = _mm512_setzero_ps();
+    __m512 vmx = _mm512_set1_ps(mx);
+    for (int64_t t = 0; t < n_t; t += 16) {
+        __mmask16 m = tail_mask(n_t - t);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, score + t), vmx));
+        _mm512_mask_storeu_ps(score + t, m, e);
+        sum = _mm512_mask_add_ps(sum, m, sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+const fa_kernels fa_kernels_avx512 = {
+    avx512_dot_f32, avx512_dot_f16, avx512_dot_bf16,
+    avx512_dot_q8_0, avx512_dot_q4_0, avx512_dot_q4_1,
+    4, avx512_scores, avx512_wsum, avx512_softmax_exp,
+};
+
+#else  /* not x86-64 with GCC-style intrinsics: the generic kernels stand in */
+
+const fa_kernels fa_kernels_avx512 = {0};
+
+#endif
