@@ -148,3 +148,21 @@ def test_random_byte_changes_never_crash(tmp_path):
                 assert str(path) in str(e), e
                 outcomes["refused"] += 1
     assert outcomes["refused"] > 100, outcomes
+
+
+@pytest.mark.slow
+def test_array_just_under_the_cap_loads_in_bounded_time(tmp_path):
+    """The worst a file within the limits can make GGUFReader do: about a
+    million array items (a few seconds, a few hundred MB), not more."""
+    import struct
+    from fastattn.loaders.gguf import MAX_ARRAY_ITEMS
+    g = hostile.tiny_llama()
+    used = sum(struct.unpack_from("<Q", raw, 4)[0] for _, t, raw in g.kvs
+               if t == hostile.ARR)
+    n = MAX_ARRAY_ITEMS - used
+    g.kvs.append(("general.junk", hostile.ARR,
+                  struct.pack("<IQ", hostile.U8, n) + bytes(n)))
+    path = tmp_path / "many_items.gguf"
+    path.write_bytes(g.build()[0])
+    result = run_limited(str(path), timeout=300)
+    assert result == {"error": None, "message": ""}

@@ -65,11 +65,15 @@ INT_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}
 FLOAT_TYPES = {6, 12}
 BOOL_TYPE = 7
 
-# The gguf package keeps a few hundred bytes of numpy objects per array item
-# (it reads items one by one), so the items of all arrays together are capped.
-# The largest vocabularies in use (~262k tokens, or ~150k tokens plus merges)
-# need well under a million.
-MAX_ARRAY_ITEMS = 1 << 21
+# GGUFReader reads array items one by one, keeping a couple of numpy objects
+# (~250 bytes) per item and spending 4-15 us on each, so the items of all
+# arrays together are capped.  The largest vocabularies in use (262k tokens
+# with scores and types, or 150k tokens plus merges) need under 800k.
+# Shortcoming: a file just under the cap still costs GGUFReader ~250 MB and
+# several seconds, and on SmolLM2 (147k items) its item loop is most of the
+# load time (~0.6 s of ~0.7 s); our own layout scan walks the same items in
+# ~40 ms.  Decoding the values in the scan instead would remove both.
+MAX_ARRAY_ITEMS = 1 << 20
 
 # Metadata values kept in LoadedModel.metadata: scalars, strings up to this
 # many characters, arrays up to this many items.
@@ -603,9 +607,9 @@ ESSENTIAL_IDS = ("bos_id", "eos_id", "eot_id", "unk_id")
 
 
 def _read_tokenizer(meta, path):
-    """tokenizer.ggml.* -> {"kind": "gguf", "model", "pre", "tokens",
+    """tokenizer.ggml.* -> {"kind": "gguf", "path", "model", "pre", "tokens",
     "token_type", "scores", "merges", "bos_id", "eos_id", "add_bos", ...}."""
-    tok = {"kind": "gguf"}
+    tok = {"kind": "gguf", "path": path}
     prefix = "tokenizer.ggml."
     for key in meta.keys():
         if not key.startswith(prefix):
