@@ -4,6 +4,7 @@
     Model(config, matrices, vectors)   the read-only weights, as fa_model
     State(model, n_ctx, max_chunk)     one sequence's KV cache and scratch
     model.forward(state, ids, all_logits, n_threads) -> logits
+    model.decode(state, token, n_threads) -> logits [n_vocab]
 
 fastattn.model.Transformer validates names, types and shapes and builds these;
 this module checks again every size it hands to C, so that no call from
@@ -249,6 +250,38 @@ cdef class Model:
         if rc == FA_ERR_OVERFLOW:
             raise ContextOverflowError(
                 f"context overflow: n_past {state.s.n_past} + requested {n_seq} "
+                f"> n_ctx {state.s.n_ctx}")
+        if rc == FA_ERR_NOMEM:
+            raise MemoryError("fastattn: out of memory in the forward pass")
+        raise FastAttnError(f"fastattn: fa_forward failed with code {rc}")
+
+
+    def decode(self, State state, int64_t token, int n_threads=1):
+        """Run one token after state.n_past positions; logits [n_vocab]."""
+        if state.model is not self:
+            raise FastAttnError("fastattn: this state belongs to another model")
+        if token < 0 or token >= self.m.n_vocab:
+            raise TokenizerError(f"token id {token} is outside the vocabulary "
+                                 f"[0, {self.m.n_vocab})")
+        cdef int32_t id32 = <int32_t>token
+        cdef cnp.ndarray logits = np.empty(self.m.n_vocab, dtype=np.float32)
+        cdef float *plogits = <float *>cnp.PyArray_DATA(logits)
+        cdef int rc
+        if n_threads < 1:
+            n_threads = 1
+
+        state.enter()
+        try:
+            with nogil:
+                rc = fa_forward(&self.m, &state.s, &id32, 1, plogits, 0, n_threads)
+        finally:
+            state.leave()
+
+        if rc == FA_OK:
+            return logits
+        if rc == FA_ERR_OVERFLOW:
+            raise ContextOverflowError(
+                f"context overflow: n_past {state.s.n_past} + requested 1 "
                 f"> n_ctx {state.s.n_ctx}")
         if rc == FA_ERR_NOMEM:
             raise MemoryError("fastattn: out of memory in the forward pass")

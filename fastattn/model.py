@@ -216,7 +216,15 @@ class Transformer:
             token = operator.index(token)
         except TypeError:
             raise TokenizerError(f"token must be an integer id, got {token!r}") from None
-        return self.prefill(state, [token])
+        if not 0 <= token < self.config.n_vocab:
+            raise TokenizerError(f"token id {token} is outside the vocabulary "
+                                 f"[0, {self.config.n_vocab})")
+        if not isinstance(state, State) or state._state.model is not self._engine:
+            raise FastAttnError("state was not made by this model's new_state()")
+        if state.n_past >= state.n_ctx:
+            raise ContextOverflowError(f"context overflow: n_past {state.n_past} + "
+                                       f"requested 1 tokens > n_ctx {state.n_ctx}")
+        return self._engine.decode(state._state, token, self._n_threads)
 
     def forward(self, ids) -> np.ndarray:
         """Logits [n_seq, n_vocab] of ids from a fresh state."""

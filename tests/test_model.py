@@ -287,3 +287,37 @@ def test_n_threads_attribute():
             model.n_threads = bad
     model.n_threads = 1
     assert model.n_threads == 1
+
+
+# ------------------------------------------------------------ the real model
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    pytest.importorskip("fastattn.loaders.gguf", reason="the GGUF loader is not there")
+    from fastattn.loaders import load_model_files
+    loaded = load_model_files(smollm2_path)
+    return loaded, Transformer(loaded.config, loaded.weights, n_threads=2)
+
+
+@pytest.mark.model
+def test_smollm2_matches_reference(smollm2):
+    loaded, model = smollm2
+    ids = [1, 504, 3458, 282, 4649, 314, 216]
+    want = reference.forward(loaded.config, loaded.weights, ids)
+    assert_close_rel(model.forward(ids), want)
+
+
+@pytest.mark.model
+def test_smollm2_decode_is_exact_and_thread_independent(smollm2):
+    loaded, model = smollm2
+    ids = random_ids(loaded.config, 24, seed=11)
+    full = model.forward(ids)
+    state = model.new_state(64)
+    np.testing.assert_array_equal(model.prefill(state, ids[:16]), full[15])
+    model.n_threads = 1
+    try:
+        for t in range(16, 24):
+            np.testing.assert_array_equal(model.decode(state, int(ids[t])), full[t])
+    finally:
+        model.n_threads = 2
