@@ -1,0 +1,548 @@
+# cython: language_level=3
+"""The byte-pair merge loop of the byte-level BPE tokenizer, compiled.
+
+A text's UTF-8 bytes are first cut into pre-tokens ("words") by a scanner
+that implements the pre-tokenizer regex of tokenizer.py on a table of
+character classes (letter, number, whitespace, other) that tokenizer.py fills
+from the `regex` package.  One word then becomes ids in three steps:
+
+  1. each byte becomes the id of its one-byte symbol            [n] ids
+     (a byte the vocabulary has no symbol for is left out)
+  2. the adjacent pair with the lowest merge rank is merged, the
+     leftmost one when several pairs share that rank, until no
+     adjacent pair has a rank                                   [n] -> [m] ids
+  3. the surviving symbols are read left to right
+
+Ranks live in an open-addressing hash table keyed by (left_id, right_id);
+pairs waiting to merge sit in a binary min-heap ordered by (rank, pos).  The
+loop runs on C arrays without the GIL.  Python sees one class, BytePairEncoder,
+whose encode_utf8() scans and merges a whole text and keeps a bounded cache of
+word -> ids for words that repeat.
+"""
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memset
+
+import numpy as np
+
+cdef extern from "Python.h":
+    object PyBytes_FromStringAndSize(const char *s, Py_ssize_t n)
+    char *PyBytes_AS_STRING(object b)
+
+
+# ----------------------------------------------------------------------------
+# merge table: (left_id, right_id) -> (rank, new_id)
+
+cdef struct MergeSlot:
+    uint64_t key        # left_id << 32 | right_id; EMPTY_KEY when free
+    int32_t rank
+    int32_t new_id
+
+cdef uint64_t EMPTY_KEY = 0xFFFFFFFFFFFFFFFF
+
+
+cdef inline uint64_t pair_key(int32_t left, int32_t right) noexcept nogil:
+    return (<uint64_t><uint32_t>left << 32) | <uint64_t><uint32_t>right
+
+
+cdef inline size_t slot_of(uint64_t key, int shift) noexcept nogil:
+    """Fibonacci hashing: the top bits of key * 2^64/phi."""
+    return <size_t>((key * 0x9E3779B97F4A7C15ULL) >> shift)
+
+
+# ----------------------------------------------------------------------------
+# min-heap of candidate merges, ordered by (rank, pos)
+
+cdef struct Candidate:
+    int32_t rank
+    int32_t pos         # index of the left symbol in the word's byte array
+    int32_t left        # ids of the pair when it was pushed: a popped entry
+    int32_t right       # whose symbols have changed since is stale
+    int32_t new_id
+
+
+cdef inline bint before(const Candidate *a, const Candidate *b) noexcept nogil:
+    return a.rank < b.rank or (a.rank == b.rank and a.pos < b.pos)
+
+
+cdef inline void heap_push(Candidate *heap, Py_ssize_t *size, Candidate c) noexcept nogil:
+    cdef Py_ssize_t i = size[0]
+    cdef Py_ssize_t parent
+    size[0] += 1
+
+    # sift up
+    while i > 0:
+        parent = (i - 1) >> 1
+        if not before(&c, &heap[parent]):
+            break
+        heap[i] = heap[parent]
+        i = parent
+    heap[i] = c
+
+
+cdef inline Candidate heap_pop(Candidate *heap, Py_ssize_t *size) noexcept nogil:
+    cdef Candidate top = heap[0]
+    cdef Candidate last
+    cdef Py_ssize_t n, i, child
+    size[0] -= 1
+    n = size[0]
+    if n == 0:
+        return top
+    last = heap[n]
+
+    # sift the last entry down from the root
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and before(&heap[child + 1], &heap[child]):
+            child += 1
+        if not before(&heap[child], &last):
+            break
+        heap[i] = heap[child]
+        i = child
+    heap[i] = last
+    return top
+
+
+# ----------------------------------------------------------------------------
+# scratch space for one word of n bytes, grown as longer words arrive
+
+cdef struct Scratch:
+    Py_ssize_t capacity
+    int32_t *ids        # [n] symbol id at each start position, -1 once absorbed
+    int32_t *next       # [n] start of the next live symbol (n past the end)
+    int32_t *prev       # [n] start of the previous live symbol (-1 before it)
+    Candidate *heap     # [3 n] initial n-1 pairs + at most 2 per merge
+
+
+cdef int scratch_reserve(Scratch *s, Py_ssize_t n) noexcept nogil:
+    """Make room for a word of n bytes; 0 on success, -1 when out of memory."""
+    cdef void *p
+    if n <= s.capacity:
+        return 0
+    n = max(n, 2 * s.capacity, 64)
+    p = realloc(s.ids, n * sizeof(int32_t))
+    if p == NULL:
+        return -1
+    s.ids = <int32_t *>p
+    p = realloc(s.next, n * sizeof(int32_t))
+    if p == NULL:
+        return -1
+    s.next = <int32_t *>p
+    p = realloc(s.prev, n * sizeof(int32_t))
+    if p == NULL:
+        return -1
+    s.prev = <int32_t *>p
+    p = realloc(s.heap, 3 * n * sizeof(Candidate))
+    if p == NULL:
+        return -1
+    s.heap = <Candidate *>p
+    s.capacity = n
+    return 0
+
+
+cdef void scratch_free(Scratch *s) noexcept nogil:
+    free(s.ids)
+    free(s.next)
+    free(s.prev)
+    free(s.heap)
+    memset(s, 0, sizeof(Scratch))
+
+
+# Words at least this long release the GIL while they merge; shorter ones take
+# less time than the release and re-acquire would.
+cdef enum:
+    NOGIL_MIN_BYTES = 256
+
+
+# ----------------------------------------------------------------------------
+# pre-tokenizer scanner
+
+# Character classes; the table [0x110000] comes from set_char_classes().
+cdef enum:
+    CLASS_OTHER = 0     # [^\s\p{L}\p{N}]
+    CLASS_LETTER = 1    # \p{L}
+    CLASS_NUMBER = 2    # \p{N}
+    CLASS_SPACE = 3     # \s
+
+# Pre-tokenizer modes, as in tokenizer.PRE_TOKENIZER_PATTERNS.
+cdef enum:
+    PRE_GPT2 = 0        # GPT-2's regex
+    PRE_SMOLLM = 1      # every number char alone, then GPT-2's regex between
+
+cdef const uint8_t *char_class = NULL
+cdef object char_class_owner = None     # keeps the table's memory alive
+
+
+def set_char_classes(table):
+    """Install the [0x110000] uint8 table of code point -> class
+    (0 other, 1 letter, 2 number, 3 whitespace)."""
+    global char_class, char_class_owner
+    cdef const uint8_t[::1] view = np.ascontiguousarray(table, dtype=np.uint8)
+    if view.shape[0] != 0x110000:
+        raise ValueError(f"char class table has {view.shape[0]} entries, expected 0x110000")
+    char_class_owner = view
+    char_class = &view[0]
+
+
+cdef inline uint32_t code_point_at(const uint8_t *p, Py_ssize_t i, Py_ssize_t n,
+                                   Py_ssize_t *size) noexcept nogil:
+    """The code point whose UTF-8 form starts at p[i], and its size in bytes.
+    A malformed or truncated sequence counts as one byte, U+FFFD."""
+    cdef uint8_t b0 = p[i]
+    if b0 < 0x80:
+        size[0] = 1
+        return b0
+    if b0 >= 0xC2 and b0 < 0xE0 and i + 1 < n:
+        size[0] = 2
+        return ((b0 & 0x1F) << 6) | (p[i + 1] & 0x3F)
+    if b0 >= 0xE0 and b0 < 0xF0 and i + 2 < n:
+        size[0] = 3
+        return ((b0 & 0x0F) << 12) | ((p[i + 1] & 0x3F) << 6) | (p[i + 2] & 0x3F)
+    if b0 >= 0xF0 and b0 < 0xF5 and i + 3 < n:
+        size[0] = 4
+        return (((b0 & 0x07) << 18) | ((p[i + 1] & 0x3F) << 12)
+                | ((p[i + 2] & 0x3F) << 6) | (p[i + 3] & 0x3F))
+    size[0] = 1
+    return 0xFFFD
+
+
+cdef inline int class_at(const uint8_t *p, Py_ssize_t i, Py_ssize_t n,
+                         Py_ssize_t *size) noexcept nogil:
+    cdef uint32_t c = code_point_at(p, i, n, size)
+    if c >= 0x110000:
+        return CLASS_OTHER
+    return char_class[c]
+
+
+cdef inline Py_ssize_t run_end(const uint8_t *p, Py_ssize_t i, Py_ssize_t n,
+                               int cls) noexcept nogil:
+    """End of the run of class cls that starts at i."""
+    cdef Py_ssize_t size
+    while i < n and class_at(p, i, n, &size) == cls:
+        i += size
+    return i
+
+
+cdef Py_ssize_t piece_end(const uint8_t *p, Py_ssize_t i, Py_ssize_t n,
+                          int mode) noexcept nogil:
+    """End of the pre-token that starts at p[i], for the text p[0:n].
+
+    The alternatives are tried in the regex's order:
+      's|'t|'re|'ve|'m|'ll|'d
+      ' ?\p{L}+'   ' ?\p{N}+' (gpt2) or '\p{N}' (smollm)   ' ?[^\s\p{L}\p{N}]+'
+      '\s+(?!\S)' (smollm: a number also ends the run)   '\s+'"""
+    cdef Py_ssize_t size, size2, last, end
+    cdef int cls, cls2
+    cdef uint8_t b
+    cdef uint8_t b2
+
+    # contractions, lower case only
+    if p[i] == 39 and i + 1 < n:                             # '
+        b = p[i + 1]
+        if b == 115 or b == 116 or b == 109 or b == 100:    # s t m d
+            return i + 2
+        if i + 2 < n:
+            b2 = p[i + 2]
+            if ((b == 114 and b2 == 101) or (b == 118 and b2 == 101)   # re ve
+                    or (b == 108 and b2 == 108)):                      # ll
+                return i + 3
+
+    # one space, then a run of letters, numbers (gpt2) or others
+    cls = class_at(p, i, n, &size)
+    if p[i] == 32 and i + 1 < n:
+        cls2 = class_at(p, i + 1, n, &size2)
+        if cls2 == CLASS_LETTER or cls2 == CLASS_OTHER or (
+                cls2 == CLASS_NUMBER and mode == PRE_GPT2):
+            return run_end(p, i + 1, n, cls2)
+
+    # a run of letters, numbers or others without the space
+    if cls == CLASS_LETTER or cls == CLASS_OTHER:
+        return run_end(p, i, n, cls)
+    if cls == CLASS_NUMBER:
+        return run_end(p, i, n, cls) if mode == PRE_GPT2 else i + size
+
+    # whitespace: all of it when nothing or (smollm) a number follows, else
+    # all but its last char, which then starts the next pre-token
+    end = run_end(p, i, n, CLASS_SPACE)
+    if end == n:
+        return end
+    if mode == PRE_SMOLLM and class_at(p, end, n, &size2) == CLASS_NUMBER:
+        return end
+    last = end - 1
+    while (p[last] & 0xC0) == 0x80:                          # back to a lead byte
+        last -= 1
+    return last if last > i else end
+
+
+def split_utf8(bytes data, int mode):
+    """UTF-8 text -> its pre-tokens (bytes), for tests and inspection."""
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = len(data), i = 0, j
+    cdef list out = []
+    if char_class == NULL:
+        raise RuntimeError("set_char_classes() has not been called")
+    if mode != PRE_GPT2 and mode != PRE_SMOLLM:
+        raise ValueError(f"pre-tokenizer mode {mode}")
+    while i < n:
+        j = piece_end(p, i, n, mode)
+        out.append(PyBytes_FromStringAndSize(<const char *>p + i, j - i))
+        i = j
+    return out
+
+
+cdef class BytePairEncoder:
+    """Merge loop over one vocabulary.
+
+    byte_ids   [256] int32   id of the one-byte symbol of each byte, -1 if none
+    merges     [n_merge, 3] int32   (left_id, right_id, new_id); rank = row
+    whole_ids  dict bytes -> id or None: with it, a word that is itself a
+               token skips the merges (the `ignore_merges` option of HF BPE)
+    cache_size             words kept in the word -> ids cache
+    """
+    cdef MergeSlot *table
+    cdef int shift              # 64 - log2(table size)
+    cdef size_t mask
+    cdef int32_t byte_ids[256]
+    cdef readonly Py_ssize_t n_merge
+    cdef readonly Py_ssize_t cache_size
+    cdef dict cache
+    cdef object whole_ids
+
+    def __cinit__(self):
+        self.table = NULL
+
+    def __init__(self, byte_ids, merges, whole_ids=None, Py_ssize_t cache_size=1 << 16):
+        cdef int32_t[::1] byte_view = np.ascontiguousarray(byte_ids, dtype=np.int32)
+        cdef int32_t[:, ::1] merge_view = np.ascontiguousarray(merges, dtype=np.int32)
+        cdef Py_ssize_t i, n_slot
+        cdef size_t h
+        cdef uint64_t key
+        cdef int bits
+
+        # check shapes before any pointer is touched
+        if byte_view.shape[0] != 256:
+            raise ValueError(f"byte_ids has {byte_view.shape[0]} entries, expected 256")
+        if merge_view.shape[0] > 0 and merge_view.shape[1] != 3:
+            raise ValueError(f"merges has {merge_view.shape[1]} columns, expected 3")
+        if merge_view.shape[0] >= (1 << 30):
+            raise ValueError(f"{merge_view.shape[0]} merges is more than this table holds")
+        for i in range(256):
+            self.byte_ids[i] = byte_view[i]
+        self.n_merge = merge_view.shape[0]
+        self.cache_size = cache_size
+        self.cache = {}
+        self.whole_ids = whole_ids
+
+        # table of at least twice as many slots as merges, a power of two
+        bits = 4
+        while (<Py_ssize_t>1 << bits) < 2 * self.n_merge:
+            bits += 1
+        n_slot = <Py_ssize_t>1 << bits
+        self.shift = 64 - bits
+        self.mask = n_slot - 1
+        self.table = <MergeSlot *>malloc(n_slot * sizeof(MergeSlot))
+        if self.table == NULL:
+            raise MemoryError(f"merge table of {n_slot} slots")
+        for i in range(n_slot):
+            self.table[i].key = EMPTY_KEY
+
+        # insert every merge; the caller has rejected duplicate pairs
+        for i in range(self.n_merge):
+            if merge_view[i, 0] < 0 or merge_view[i, 1] < 0 or merge_view[i, 2] < 0:
+                raise ValueError(f"merge {i} has a negative id")
+            key = pair_key(merge_view[i, 0], merge_view[i, 1])
+            h = slot_of(key, self.shift)
+            while self.table[h].key != EMPTY_KEY and self.table[h].key != key:
+                h = (h + 1) & self.mask
+            self.table[h].key = key
+            self.table[h].rank = <int32_t>i
+            self.table[h].new_id = merge_view[i, 2]
+
+    def __dealloc__(self):
+        free(self.table)
+
+    cdef inline const MergeSlot *lookup(self, int32_t left, int32_t right) noexcept nogil:
+        cdef uint64_t key = pair_key(left, right)
+        cdef size_t h = slot_of(key, self.shift)
+        while self.table[h].key != EMPTY_KEY:
+            if self.table[h].key == key:
+                return &self.table[h]
+            h = (h + 1) & self.mask
+        return NULL
+
+    cdef Py_ssize_t merge_word(self, const uint8_t *text, Py_ssize_t n,
+                               Scratch *s) noexcept nogil:
+        """text [n] bytes -> s.ids, s.next: the merged symbols; returns their count.
+
+        A byte with no one-byte symbol is left out, and its neighbours become
+        adjacent (what Hugging Face BPE does without an unk token, and
+        llama.cpp too).  s must hold n entries."""
+        cdef int32_t *ids = s.ids
+        cdef int32_t *next = s.next
+        cdef int32_t *prev = s.prev
+        cdef Candidate *heap = s.heap
+        cdef Py_ssize_t heap_size = 0
+        cdef Py_ssize_t i, n_symbol = 0, n_live
+        cdef int32_t q, r, id
+        cdef const MergeSlot *m
+        cdef Candidate c
+
+        # one symbol per byte that has one
+        for i in range(n):
+            id = self.byte_ids[text[i]]
+            if id >= 0:
+                ids[n_symbol] = id
+                next[n_symbol] = <int32_t>(n_symbol + 1)
+                prev[n_symbol] = <int32_t>(n_symbol - 1)
+                n_symbol += 1
+        n = n_symbol
+        n_live = n_symbol
+
+        # every adjacent pair that has a rank is a candidate
+        for i in range(n - 1):
+            m = self.lookup(ids[i], ids[i + 1])
+            if m != NULL:
+                heap_push(heap, &heap_size,
+                          Candidate(m.rank, <int32_t>i, ids[i], ids[i + 1], m.new_id))
+
+        # merge the best candidate until none is left
+        while heap_size > 0:
+            c = heap_pop(heap, &heap_size)
+            q = next[c.pos]
+            if ids[c.pos] != c.left or q >= n or ids[q] != c.right:
+                continue                              # stale: a symbol changed
+
+            # symbol at c.pos absorbs the one at q
+            ids[c.pos] = c.new_id
+            ids[q] = -1
+            r = next[q]
+            next[c.pos] = r
+            if r < n:
+                prev[r] = c.pos
+            n_live -= 1
+
+            # the new symbol forms new pairs with its neighbours
+            if prev[c.pos] >= 0:
+                m = self.lookup(ids[prev[c.pos]], c.new_id)
+                if m != NULL:
+                    heap_push(heap, &heap_size, Candidate(
+                        m.rank, prev[c.pos], ids[prev[c.pos]], c.new_id, m.new_id))
+            if r < n:
+                m = self.lookup(c.new_id, ids[r])
+                if m != NULL:
+                    heap_push(heap, &heap_size,
+                              Candidate(m.rank, c.pos, c.new_id, ids[r], m.new_id))
+        return n_live
+
+    cdef tuple word_ids(self, const uint8_t *text, Py_ssize_t n, Scratch *s):
+        """One word's UTF-8 bytes -> tuple of ids (through the merge loop)."""
+        cdef Py_ssize_t n_live, k
+        cdef int32_t pos
+        cdef list out
+
+        if scratch_reserve(s, n) != 0:
+            raise MemoryError(f"scratch for a word of {n} bytes")
+        if n >= NOGIL_MIN_BYTES:
+            with nogil:
+                n_live = self.merge_word(text, n, s)
+        else:
+            n_live = self.merge_word(text, n, s)
+
+        # read the live symbols left to right
+        out = [None] * n_live
+        pos = 0
+        for k in range(n_live):
+            out[k] = s.ids[pos]
+            pos = s.next[pos]
+        return tuple(out)
+
+    def encode_word(self, bytes word):
+        """UTF-8 bytes of one pre-token -> tuple of ids (no cache)."""
+        cdef Scratch s
+        memset(&s, 0, sizeof(Scratch))
+        try:
+            return self.word_ids(<const uint8_t *>PyBytes_AS_STRING(word), len(word), &s)
+        finally:
+            scratch_free(&s)
+
+    def encode_utf8(self, bytes data, int mode):
+        """UTF-8 text -> list of ids: pre-tokens by the scanner, each through
+        the word cache or the merge loop.  mode: 0 gpt2, 1 smollm."""
+        cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = len(data), i = 0, j
+        cdef list out = []
+        cdef dict cache = self.cache
+        cdef object word, ids, whole
+        cdef int32_t id
+        cdef Scratch s
+        if char_class == NULL:
+            raise RuntimeError("set_char_classes() has not been called")
+        if mode != PRE_GPT2 and mode != PRE_SMOLLM:
+            raise ValueError(f"pre-tokenizer mode {mode}")
+        memset(&s, 0, sizeof(Scratch))
+        try:
+            while i < n:
+                j = piece_end(p, i, n, mode)
+
+                # a one-byte word is its byte's symbol, or nothing
+                if j == i + 1:
+                    id = self.byte_ids[p[i]]
+                    if id >= 0:
+                        out.append(id)
+                    i = j
+                    continue
+
+                word = PyBytes_FromStringAndSize(<const char *>p + i, j - i)
+                ids = cache.get(word)
+                if ids is None:
+                    if self.whole_ids is not None:
+                        whole = self.whole_ids.get(word)
+                        if whole is not None:
+                            ids = (whole,)
+                    if ids is None:
+                        ids = self.word_ids(p + i, j - i, &s)
+
+                    # bounded: forget everything when full, keep the newest
+                    if len(cache) >= self.cache_size:
+                        cache.clear()
+                    cache[word] = ids
+                out.extend(<tuple>ids)
+                i = j
+        finally:
+            scratch_free(&s)
+        return out
+
+    def clear_cache(self):
+        self.cache.clear()
+
+    @property
+    def n_cached(self):
+        return len(self.cache)
+
+
+def join_token_bytes(list table, ids):
+    """ids -> the concatenated bytes of table[id]; IndexError naming the first
+    id that is not an integer in [0, len(table))."""
+    cdef Py_ssize_t n_vocab = len(table)
+    cdef Py_ssize_t k = 0
+    cdef list parts = []
+    cdef object i
+    cdef int64_t v
+
+    for i in ids:
+        if isinstance(i, (bool, float)):
+            raise IndexError(f"token id {i!r} at position {k} is not an integer")
+        try:
+            v = i
+        except (TypeError, OverflowError):
+            raise IndexError(f"token id {i!r} at position {k} is not an integer "
+                             f"in [0, {n_vocab})") from None
+        if v < 0 or v >= n_vocab:
+            raise IndexError(f"token id {i!r} at position {k} is outside the "
+                             f"vocabulary [0, {n_vocab})")
+        parts.append(table[v])
+        k += 1
+    return b"".join(parts)
