@@ -14,8 +14,12 @@
 
 /* ------------------------------------------------------------ row sizes */
 
+/* Widest row accepted: far beyond any model, small enough that no size
+ * computed from it (rows * row bytes included) can overflow. */
+#define FA_MAX_N_IN ((int64_t)1 << 32)
+
 size_t fa_row_bytes(int type, int64_t n_in) {
-    if (n_in <= 0) return 0;
+    if (n_in <= 0 || n_in > FA_MAX_N_IN) return 0;
     switch (type) {
     case FA_F32: return (size_t)n_in * 4;
     case FA_F16:

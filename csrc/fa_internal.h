@@ -30,6 +30,9 @@ typedef struct {
                    int64_t n, float scale);
     void (*wsum)(float *out, const float *p, const float *v, int64_t n_t, int64_t n);
     float (*softmax_exp)(float *score, int64_t n_t, float mx);
+    /* activations over n values, as fa_swiglu and fa_gelu define them */
+    void (*swiglu)(float *gate, const float *up, int64_t n);
+    void (*gelu)(float *x, int64_t n);
 } fa_kernels;
 
 extern const fa_kernels fa_kernels_generic;

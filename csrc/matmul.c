@@ -6,8 +6,8 @@
  *   y  [n_seq, n_out]  float32,  y[s, r] = sum_i W[r, i] * x[s, i]
  *
  * This file holds the driver (thread shares, cache tiling) and the generic
- * C kernels.  The AVX2 and AVX-512 kernels are in matmul_avx2.c and
- * matmul_avx512.c; all of them fill the same fa_kernels table.
+ * C kernels.  The AVX2 and AVX-512 kernels are in simd_avx2.c and
+ * simd_avx512.c; all of them fill the same fa_kernels table.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -127,10 +127,26 @@ static float generic_softmax_exp(float *score, int64_t n_t, float mx) {
     return sum;
 }
 
+static void generic_swiglu(float *gate, const float *up, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float z = gate[i];
+        gate[i] = z / (1.0f + expf(-z)) * up[i];
+    }
+}
+
+static void generic_gelu(float *x, int64_t n) {
+    const float c = 0.7978845608028654f;  /* sqrt(2 / pi) */
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
+    }
+}
+
 const fa_kernels fa_kernels_generic = {
     generic_dot_f32, generic_dot_f16, generic_dot_bf16,
     generic_dot_q8_0, generic_dot_q4_0, generic_dot_q4_1,
     FA_MAX_ROWS, generic_scores, generic_wsum, generic_softmax_exp,
+    generic_swiglu, generic_gelu,
 };
 
 /* ---------------------------------------------------------------- driver */

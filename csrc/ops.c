@@ -67,23 +67,16 @@ void fa_rms_norm(const float *x, const float *g, float *y,
 
 void fa_gelu(float *x, int64_t n, int ith, int nth) {
     if (!x || n <= 0) return;
-    const float c = 0.7978845608028654f;  /* sqrt(2 / pi) */
     int64_t i0, i1;
     fa_share(n, ith, nth, &i0, &i1);
-    for (int64_t i = i0; i < i1; i++) {
-        float v = x[i];
-        x[i] = 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
-    }
+    if (i1 > i0) fa_kernels_current()->gelu(x + i0, i1 - i0);
 }
 
 void fa_swiglu(float *gate, const float *up, int64_t n, int ith, int nth) {
     if (!gate || !up || n <= 0) return;
     int64_t i0, i1;
     fa_share(n, ith, nth, &i0, &i1);
-    for (int64_t i = i0; i < i1; i++) {
-        float z = gate[i];
-        gate[i] = z / (1.0f + expf(-z)) * up[i];
-    }
+    if (i1 > i0) fa_kernels_current()->swiglu(gate + i0, up + i0, i1 - i0);
 }
 
 void fa_add_bias(float *x, const float *b, int64_t n_seq, int64_t n, int ith, int nth) {
@@ -105,20 +98,30 @@ void fa_rope(float *x, int64_t n_seq, int n_head, int head_dim, int64_t pos0,
     const int64_t row = (int64_t)n_head * head_dim;
     int64_t s0, s1;
     fa_share(n_seq, ith, nth, &s0, &s1);
-    for (int64_t s = s0; s < s1; s++) {
-        float *xs = x + s * row;
-        double pos = (double)(pos0 + s);
-        for (int i = 0; i < half; i++) {
-            /* angle = pos * theta^(-2i / head_dim), the same for every head */
-            double angle = pos * pow((double)theta, -2.0 * i / head_dim);
-            float c = (float)cos(angle), sn = (float)sin(angle);
-            int a = neox ? i : 2 * i;
-            int b = neox ? i + half : 2 * i + 1;
-            for (int h = 0; h < n_head; h++) {
-                float *xh = xs + (int64_t)h * head_dim;
-                float x0 = xh[a], x1 = xh[b];
-                xh[a] = x0 * c - x1 * sn;
-                xh[b] = x0 * sn + x1 * c;
+
+    /* pairs in chunks, so each frequency theta^(-2i / head_dim) is computed
+     * once per call rather than once per row */
+    enum { CHUNK = 64 };
+    double freq[CHUNK];
+    for (int i0 = 0; i0 < half; i0 += CHUNK) {
+        int n_i = half - i0 < CHUNK ? half - i0 : CHUNK;
+        for (int j = 0; j < n_i; j++) freq[j] = pow((double)theta, -2.0 * (i0 + j) / head_dim);
+
+        for (int64_t s = s0; s < s1; s++) {
+            float *xs = x + s * row;
+            double pos = (double)(pos0 + s);
+            for (int j = 0; j < n_i; j++) {
+                int i = i0 + j;
+                double angle = pos * freq[j];
+                float c = (float)cos(angle), sn = (float)sin(angle);  /* one sincos call */
+                int a = neox ? i : 2 * i;
+                int b = neox ? i + half : 2 * i + 1;
+                for (int h = 0; h < n_head; h++) {
+                    float *xh = xs + (int64_t)h * head_dim;
+                    float x0 = xh[a], x1 = xh[b];
+                    xh[a] = x0 * c - x1 * sn;
+                    xh[b] = x0 * sn + x1 * c;
+                }
             }
         }
     }

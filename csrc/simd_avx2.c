@@ -222,12 +222,14 @@ T256 static void avx2_wsum(float *out, const float *p, const float *v, int64_t n
     }
 }
 
-/* exp(x) for x <= 0: x = n ln2 + r, exp(r) by Cephes' expf polynomial, 2^n
- * built in the exponent bits; below -87.3 (where 2^n leaves the normal
- * range) the result is 0. */
+/* exp(x): x = n ln2 + r, exp(r) by Cephes' expf polynomial, 2^n built in
+ * the exponent bits.  Below -87.3 (where 2^n leaves the normal range) the
+ * result is 0; above 88.7 it is inf (n = 128 makes the exponent all ones). */
 INL __m256 exp256(__m256 x) {
     __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+    __m256 huge = _mm256_cmp_ps(x, _mm256_set1_ps(88.7f), _CMP_GT_OQ);
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.7f));
     __m256 nf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), x);
@@ -242,6 +244,7 @@ INL __m256 exp256(__m256 x) {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf),
                                                    _mm256_set1_epi32(127)), 23);
     p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    p = _mm256_blendv_ps(p, _mm256_set1_ps(INFINITY), huge);
     return _mm256_andnot_ps(tiny, p);
 }
 
@@ -264,13 +267,90 @@ T256 static float avx2_softmax_exp(float *score, int64_t n_t, float mx) {
     return hsum8(sum);
 }
 
+/* ---------------------------------------------------------- activations */
+
+INL __m256 swiglu8(__m256 z, __m256 u) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), z));
+    return _mm256_mul_ps(_mm256_div_ps(z, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+T256 static void avx2_swiglu(float *gate, const float *up, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(gate + i, swiglu8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i)));
+    if (i < n) {
+        __m256i m = tail_mask(n - i);
+        __m256 y = swiglu8(_mm256_maskload_ps(gate + i, m), _mm256_maskload_ps(up + i, m));
+        _mm256_maskstore_ps(gate + i, m, y);
+    }
+}
+
+/* tanh(u) = 1 - 2 / (1 + exp(2u)), which saturates to +-1 correctly. */
+INL __m256 gelu8(__m256 v) {
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                             _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v),
+                                             _mm256_mul_ps(v, v), v));
+    __m256 e = exp256(_mm256_mul_ps(two, u));
+    __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, e)));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(one, th));
+}
+
+T256 static void avx2_gelu(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        __m256i m = tail_mask(n - i);
+        _mm256_maskstore_ps(x + i, m, gelu8(_mm256_maskload_ps(x + i, m)));
+    }
+}
+
 const fa_kernels fa_kernels_avx2 = {
     avx2_dot_f32, avx2_dot_f16, avx2_dot_bf16,
     avx2_dot_q8_0, avx2_dot_q4_0, avx2_dot_q4_1,
     AVX2_ROWS, avx2_scores, avx2_wsum, avx2_softmax_exp,
+    avx2_swiglu, avx2_gelu,
 };
 
 #else  /* not x86-64 with GCC-style intrinsics: never selected by dispatch.c */
+
+/* ---------------------------------------------------------- activations */
+
+INL __m256 swiglu8(__m256 z, __m256 u) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), z));
+    return _mm256_mul_ps(_mm256_div_ps(z, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+T256 static void avx2_swiglu(float *gate, const float *up, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(gate + i, swiglu8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i)));
+    if (i < n) {
+        __m256i m = tail_mask(n - i);
+        __m256 y = swiglu8(_mm256_maskload_ps(gate + i, m), _mm256_maskload_ps(up + i, m));
+        _mm256_maskstore_ps(gate + i, m, y);
+    }
+}
+
+/* tanh(u) = 1 - 2 / (1 + exp(2u)), which saturates to +-1 correctly. */
+INL __m256 gelu8(__m256 v) {
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                             _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v),
+                                             _mm256_mul_ps(v, v), v));
+    __m256 e = exp256(_mm256_mul_ps(two, u));
+    __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, e)));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(one, th));
+}
+
+T256 static void avx2_gelu(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        __m256i m = tail_mask(n - i);
+        _mm256_maskstore_ps(x + i, m, gelu8(_mm256_maskload_ps(x + i, m)));
+    }
+}
 
 const fa_kernels fa_kernels_avx2 = {0};
 

@@ -220,11 +220,12 @@ T512 static void avx512_wsum(float *out, const float *p, const float *v, int64_t
     }
 }
 
-/* exp(x) for x <= 0 (softmax after the max is subtracted): x = n ln2 + r,
- * |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (Cephes' expf
- * coefficients), times 2^n by scalef, which underflows to 0 gracefully. */
+/* exp(x): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial
+ * (Cephes' expf coefficients), times 2^n by scalef, which underflows to 0
+ * and overflows to inf gracefully.  Within 2 ulp of expf. */
 INL __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(89.0f));
     __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693359375f), x);
@@ -251,13 +252,70 @@ T512 static float avx512_softmax_exp(float *score, int64_t n_t, float mx) {
     return _mm512_reduce_add_ps(sum);
 }
 
+/* ---------------------------------------------------------- activations */
+
+T512 static void avx512_swiglu(float *gate, const float *up, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 z = _mm512_maskz_loadu_ps(m, gate + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), z));
+        __m512 silu = _mm512_div_ps(z, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(gate + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+/* tanh(u) = 1 - 2 / (1 + exp(2u)), which saturates to +-1 correctly. */
+T512 static void avx512_gelu(float *x, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+    const __m512 c = _mm512_set1_ps(0.7978845608028654f), a = _mm512_set1_ps(0.044715f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, v), _mm512_mul_ps(v, v), v));
+        __m512 e = exp512(_mm512_mul_ps(two, u));
+        __m512 th = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, e)));
+        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, th));
+        _mm512_mask_storeu_ps(x + i, m, y);
+    }
+}
+
 const fa_kernels fa_kernels_avx512 = {
     avx512_dot_f32, avx512_dot_f16, avx512_dot_bf16,
     avx512_dot_q8_0, avx512_dot_q4_0, avx512_dot_q4_1,
     4, avx512_scores, avx512_wsum, avx512_softmax_exp,
+    avx512_swiglu, avx512_gelu,
 };
 
 #else  /* not x86-64 with GCC-style intrinsics: the generic kernels stand in */
+
+/* ---------------------------------------------------------- activations */
+
+T512 static void avx512_swiglu(float *gate, const float *up, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 z = _mm512_maskz_loadu_ps(m, gate + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), z));
+        __m512 silu = _mm512_div_ps(z, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(gate + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+/* tanh(u) = 1 - 2 / (1 + exp(2u)), which saturates to +-1 correctly. */
+T512 static void avx512_gelu(float *x, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+    const __m512 c = _mm512_set1_ps(0.7978845608028654f), a = _mm512_set1_ps(0.044715f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, v), _mm512_mul_ps(v, v), v));
+        __m512 e = exp512(_mm512_mul_ps(two, u));
+        __m512 th = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, e)));
+        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, th));
+        _mm512_mask_storeu_ps(x + i, m, y);
+    }
+}
 
 const fa_kernels fa_kernels_avx512 = {0};
 

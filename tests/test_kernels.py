@@ -66,6 +66,7 @@ def test_row_bytes():
         assert K.row_bytes(qtype, 0) == 0
     assert K.row_bytes(W.F32, 0) == 0
     assert K.row_bytes(W.F32, -5) == 0
+    assert K.row_bytes(W.F32, 1 << 33) == 0  # wider than any model: refused
     assert K.row_bytes(7, 64) == 0          # Q5_0 is not supported
     assert K.row_bytes(-1, 64) == 0
 
@@ -227,12 +228,18 @@ def test_norm_bad_input():
 # ------------------------------------------------------------ activations
 
 
+EXTREMES = np.array([0.0, -0.0, 1e-8, -1e-8, 30.0, -30.0, 88.0, -88.0, 100.0, -100.0,
+                     1e4, -1e4, 3e38, -3e38], np.float32)
+
+
 def test_gelu(level):
     rng = np.random.default_rng(9)
     x = rand(rng, 3, 37, scale=4.0)
+    x[0, :len(EXTREMES)] = EXTREMES
     x64 = x.astype(np.float64)
     ref = 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)))
     y = K.gelu(x, n_threads=2)
+    assert np.all(np.isfinite(y))
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(y, K.gelu(x, n_threads=1))
 
@@ -240,8 +247,10 @@ def test_gelu(level):
 def test_swiglu(level):
     rng = np.random.default_rng(10)
     gate, up = rand(rng, 2, 1537, scale=5.0), rand(rng, 2, 1537)
+    gate[0, :len(EXTREMES) - 2] = EXTREMES[:-2]      # 3e38 * up may overflow float32
     g64 = gate.astype(np.float64)
-    ref = g64 / (1 + np.exp(-g64)) * up
+    with np.errstate(over="ignore"):
+        ref = g64 / (1 + np.exp(-g64)) * up
     y = K.swiglu(gate, up, n_threads=2)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(y, K.swiglu(gate, up, n_threads=1))
