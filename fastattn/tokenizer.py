@@ -114,12 +114,18 @@ def install_char_classes():
         _char_classes_ready = True
 
 
+# str.translate table: byte-level char -> the char of its byte value; Latin-1
+# chars outside the alphabet (space, controls) -> a char Latin-1 cannot encode
+_TO_LATIN1 = {ord(c): chr(b) for b, c in BYTE_TO_CHAR.items()}
+_TO_LATIN1.update({i: "\U0010FFFF" for i in range(256) if chr(i) not in CHAR_TO_BYTE})
+
+
 def token_text_to_bytes(text):
     """A byte-level token's text -> its bytes; None if a char is outside the
     byte-level alphabet."""
     try:
-        return bytes(CHAR_TO_BYTE[c] for c in text)
-    except KeyError:
+        return text.translate(_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:
         return None
 
 
@@ -293,6 +299,8 @@ class Tokenizer:
     def _special_regex(self, allowed_special):
         """The compiled alternation of allowed specials, longest first; None if
         nothing is allowed."""
+        if allowed_special is None:
+            return None
         if allowed_special == "all":
             key = "all"
         elif isinstance(allowed_special, str):
