@@ -109,6 +109,8 @@ cdef class Model:
         cdef fa_layer *L
         cdef int64_t E = config.n_embd, F = config.n_ff
         cdef int64_t Ekv = config.n_kv_head * config.head_dim
+        if self.layers != NULL:
+            raise FastAttnError("fastattn: a Model is built once")
         self.config = config
         gpt2 = config.family == "gpt2"
         m.family = FA_GPT2 if gpt2 else FA_LLAMA
@@ -210,7 +212,7 @@ cdef class Model:
         self.keep.append(a)
         return <const float *>cnp.PyArray_DATA(a)
 
-    def forward(self, State state, ids, bint all_logits=False, int n_threads=1):
+    def forward(self, State state not None, ids, bint all_logits=False, int n_threads=1):
         """Run ids [n_seq] (int32) after state.n_past positions.
 
         Returns logits [n_vocab] for the last position, or [n_seq, n_vocab].
@@ -256,7 +258,7 @@ cdef class Model:
         raise FastAttnError(f"fastattn: fa_forward failed with code {rc}")
 
 
-    def decode(self, State state, int64_t token, int n_threads=1):
+    def decode(self, State state not None, int64_t token, int n_threads=1):
         """Run one token after state.n_past positions; logits [n_vocab]."""
         if state.model is not self:
             raise FastAttnError("fastattn: this state belongs to another model")
@@ -294,7 +296,7 @@ cdef class State:
     cdef readonly Model model
     cdef bint busy
 
-    def __cinit__(self, Model model, int64_t n_ctx, int64_t max_chunk=256):
+    def __cinit__(self, Model model not None, int64_t n_ctx, int64_t max_chunk=256):
         memset(&self.s, 0, sizeof(fa_state))
         self.model = model
         self.busy = False

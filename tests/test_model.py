@@ -234,6 +234,22 @@ def test_bad_ids():
     assert state.n_past == 0
 
 
+def test_c_checks_ids_and_room_itself():
+    """The engine's own checks, reached without the Python layer's."""
+    config, weights, model = make("llama-gqa-4/2")
+    engine, state = model._engine, model.new_state(8)._state
+    with pytest.raises(TokenizerError, match=f"token id {config.n_vocab} "):
+        engine.forward(state, np.array([3, config.n_vocab], np.int32))
+    with pytest.raises(TokenizerError, match="token id -4 "):
+        engine.decode(state, -4)
+    with pytest.raises(ContextOverflowError, match=r"n_past 0 \+ requested 9 > n_ctx 8"):
+        engine.forward(state, np.zeros(9, np.int32))
+    engine.forward(state, np.zeros(8, np.int32))
+    with pytest.raises(ContextOverflowError, match=r"n_past 8 \+ requested 1 > n_ctx 8"):
+        engine.decode(state, 1)
+    assert state.n_past == 8
+
+
 def test_state_of_another_model_is_refused():
     _, _, a = make("llama-gqa-4/2")
     _, _, b = make("llama-gqa-4/2", seed=1)
