@@ -1,0 +1,576 @@
+"""fastattn against its peers, side by side in one run.
+
+    python benchmarks/compare.py [--model PATH] [--prompt-tokens 512] [--gen-tokens 128]
+        [--threads 2] [--reps 3] [--peers fastattn,llama.cpp,...] [--json OUT]
+
+Every system gets the same prompt token ids (a fixed English text cut to
+exactly --prompt-tokens tokens by fastattn's tokenizer), decodes greedily for
+exactly --gen-tokens new tokens with end tokens ignored, and runs in its own
+process with the same thread count (see benchmarks/peers.py for how each one
+is driven).  Per system: one warm-up run, then --reps timed runs; the table
+shows medians:
+
+    prefill tok/s   prompt tokens / time to first token
+    decode tok/s    (gen tokens - 1) / time from the first token to the last
+    peak RSS        the child process's ru_maxrss (interpreter and imports included)
+    fastattn x      fastattn's speed / this system's speed (> 1: fastattn faster)
+
+The numpy reference (no KV cache, the whole sequence recomputed per token) is
+run on its own, smaller sizes (--numpy-prompt-tokens, --numpy-gen-tokens),
+next to fastattn on the same sizes in the same run.  A read-bandwidth
+measurement with the same thread count gives the decode speed that memory
+traffic alone allows.  Systems that are not installed are listed as such.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+ALL_PEERS = ["fastattn", "fastattn-f32", "llama.cpp", "transformers", "ctranslate2",
+             "ctranslate2-int8", "numpy"]
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastattn-bench")
+
+# The prompt: plain English prose, repeated as often as needed and cut to the
+# requested number of tokens.
+PROMPT_TEXT = """\
+The lighthouse keeper kept a notebook on the table by the window. Every \
+evening he wrote down the colour of the sea, the direction of the wind and the \
+names of the ships that passed before dark. Most nights the list was short: a \
+fishing boat from the harbour, a ferry on its way to the islands, sometimes a \
+cargo ship so far out that it was only a row of lights. In winter the storms \
+came from the west and the windows rattled in their frames, and he would climb \
+the spiral stairs twice an hour to wipe the salt from the great lens. In summer \
+children from the village walked along the cliff path to ask him questions. \
+How far could the light be seen? Did he ever get lonely? What was the strangest \
+thing the waves had brought to the rocks below? He answered patiently, because \
+he had been a child in the same village once, and an old keeper had answered \
+the same questions for him. The light could be seen for twenty miles on a clear \
+night. He was rarely lonely, since the radio brought the voices of the harbour \
+master and the coast guard, and the gulls were always arguing on the roof. The \
+strangest thing had been a wooden piano, washed ashore after a storm, its keys \
+swollen with water, which the village had dragged up the beach and left in the \
+square as a monument to the sea's sense of humour. """
+
+
+# --------------------------------------------------------------- the inputs
+
+
+def resolve_model(path):
+    """--model, else $FASTATTN_TEST_MODEL, else fastattn's default model."""
+    if path:
+        return os.path.abspath(path)
+    env = os.environ.get("FASTATTN_TEST_MODEL")
+    if env:
+        return os.path.abspath(env)
+    from fastattn.download import default_model_path
+    return str(default_model_path())
+
+
+def build_prompt(tokenizer, n_tokens):
+    """Exactly n_tokens ids of PROMPT_TEXT (repeated if it is too short)."""
+    ids = []
+    while len(ids) < n_tokens:
+        ids += tokenizer.encode(PROMPT_TEXT)
+    return ids[:n_tokens]
+
+
+def model_facts(loaded):
+    """Bytes the weights take as stored and as float32, and KV cache bytes
+    per cached position (K and V, float32, every layer)."""
+    config = loaded.config
+    stored = sum(int(w.data.nbytes) for w in loaded.weights.values())
+    as_f32 = sum(4 * _numel(w.shape) for w in loaded.weights.values())
+    kv_per_pos = 2 * config.n_layer * config.n_kv_head * config.head_dim * 4
+    return {"weight_bytes": stored, "weight_bytes_f32": as_f32, "kv_bytes_per_pos": kv_per_pos,
+            "n_layer": config.n_layer, "n_embd": config.n_embd, "n_vocab": config.n_vocab}
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# --------------------------------------------------------------- the peers
+
+
+def _have(*modules):
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def availability(peer):
+    """None when the peer can run here, else the reason it cannot."""
+    if peer in ("fastattn", "fastattn-f32", "numpy"):
+        try:
+            if peer != "numpy":
+                import fastattn._engine  # noqa: F401
+            return None
+        except ImportError as e:
+            return f"not built ({e})"
+    needs = {"llama.cpp": ["llama_cpp"], "transformers": ["torch", "transformers"],
+             "ctranslate2": ["ctranslate2"], "ctranslate2-int8": ["ctranslate2"]}[peer]
+    if not _have(*needs):
+        return "not installed"
+    return None
+
+
+def cache_dir_for(model_path):
+    """Converted folders live under ~/.cache/fastattn-bench, one per model file."""
+    st = os.stat(model_path)
+    stem = os.path.splitext(os.path.basename(model_path))[0]
+    return os.path.join(CACHE, f"{stem}-{st.st_size}-{int(st.st_mtime)}")
+
+
+def child_env(threads):
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "NUMEXPR_NUM_THREADS"):
+        env[var] = str(threads)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def prepare(model_path, peers, threads, log):
+    """Build the converted folders the torch and CTranslate2 peers need;
+    returns {peer: reason} for peers whose folders could not be built."""
+    need_hf = any(p in peers for p in ("transformers", "ctranslate2", "ctranslate2-int8"))
+    if not need_hf:
+        return {}
+    out = cache_dir_for(model_path)
+    want_ct2 = any(p.startswith("ctranslate2") and availability(p) is None for p in peers)
+    done = [os.path.exists(os.path.join(out, "hf", "config.json"))]
+    if want_ct2:
+        done += [os.path.exists(os.path.join(out, f"ct2-{q}", "model.bin"))
+                 for q in ("float32", "int8")]
+    if all(done):
+        return {}
+    if not _have("torch", "transformers", "accelerate", "gguf"):
+        reason = "needs torch, transformers, accelerate and gguf to convert the GGUF"
+        return {p: reason for p in peers if p in ("transformers", "ctranslate2",
+                                                  "ctranslate2-int8")}
+    log(f"converting {os.path.basename(model_path)} for transformers/CTranslate2 "
+        f"into {out} (once)")
+    os.makedirs(out, exist_ok=True)
+    cmd = [sys.executable, os.path.join(HERE, "peers.py"), "--prepare", model_path, out]
+    if not want_ct2:
+        cmd.append("--no-ct2")
+    done = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = "conversion failed: " + _last_line(done.stderr)
+        return {p: reason for p in peers if p in ("transformers", "ctranslate2",
+                                                  "ctranslate2-int8")}
+    return {}
+
+
+def _last_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "(no output)"
+
+
+def run_child(peer, spec, threads, timeout, log):
+    """Run one peer in its own process; its result dict, or {"error": ...}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = os.path.join(tmp, "spec.json")
+        out_path = os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump({**spec, "peer": peer}, f)
+        cmd = [sys.executable, os.path.join(HERE, "peers.py"), spec_path, out_path]
+        try:
+            done = subprocess.run(cmd, env=child_env(threads), capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout} s"}
+        if done.returncode != 0 or not os.path.exists(out_path):
+            log(done.stderr[-3000:])
+            return {"error": f"exit {done.returncode}: {_last_line(done.stderr)}"}
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def measure_bandwidth(threads, log):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bw.json")
+        cmd = [sys.executable, os.path.join(HERE, "peers.py"), "--bandwidth", str(threads),
+               CACHE, out]
+        done = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True)
+        if done.returncode != 0:
+            log(done.stderr[-2000:])
+            return None
+        with open(out) as f:
+            return json.load(f)
+
+
+# --------------------------------------------------------------- summaries
+
+
+def summarize(workload):
+    """Medians over the timed runs of one workload."""
+    runs = workload["runs"]
+    n_prompt, n_gen = workload["n_prompt"], workload["n_gen"]
+    ttft = statistics.median(r["ttft_s"] for r in runs)
+    decode = statistics.median(r["decode_s"] for r in runs)
+    total = statistics.median(r["ttft_s"] + r["decode_s"] for r in runs)
+    n_done = min(len(r["tokens"]) for r in runs)
+    return {
+        "n_prompt": n_prompt, "n_gen": n_gen, "n_gen_done": n_done,
+        "ttft_s": ttft, "decode_s": decode, "total_s": total,
+        "prefill_tok_s": n_prompt / ttft if ttft > 0 else None,
+        "decode_tok_s": (n_gen - 1) / decode if decode > 0 and n_gen > 1 else None,
+        "total_tok_s": n_gen / total if total > 0 else None,
+        "tokens": runs[0]["tokens"],
+        "runs_decode_tok_s": [(n_gen - 1) / r["decode_s"] for r in runs if r["decode_s"] > 0],
+    }
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def fmt(x, spec="{:.1f}", none="-"):
+    return none if x is None else spec.format(x)
+
+
+def table(rows, headers, align):
+    """Plain text table; align has one letter a column, "l" or "r"."""
+    cells = [headers] + rows
+    widths = [max(len(str(r[i])) for r in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(str(c).ljust(w) if a == "l" else str(c).rjust(w)
+                         for c, w, a in zip(row, widths, align)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])]
+                     + [line(r) for r in rows])
+
+
+# --------------------------------------------------------------- interference
+
+
+def cpu_busy_s():
+    """Seconds of CPU time the whole machine has spent busy (steal included)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)      # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_quiet(max_wait, log, limit=0.15, window=2.0):
+    """Wait up to max_wait seconds for the machine to be idle: less than `limit`
+    cores busy over a `window`-second look.  Returns the last busy reading."""
+    waited = 0.0
+    while True:
+        b0 = cpu_busy_s()
+        time.sleep(window)
+        busy = (cpu_busy_s() - b0) / window
+        if busy < limit or waited >= max_wait:
+            return busy
+        if waited == 0:
+            log(f"  waiting for the machine to go quiet ({busy:.2f} cores busy) ...")
+        waited += window
+
+
+# --------------------------------------------------------------- machine
+
+
+def machine_line(results):
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    simd = None
+    for r in results.values():
+        simd = simd or r.get("info", {}).get("simd")
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "?"
+    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    import numpy
+    versions = {"python": platform.python_version(), "numpy": numpy.__version__,
+                "fastattn": f"{_version(results, 'fastattn')} (git {commit}"
+                            f"{', modified tree' if dirty else ''})"}
+    for peer in ("llama.cpp", "transformers", "ctranslate2"):
+        v = _version(results, peer)
+        if v:
+            versions[peer] = v
+    return {"cpu": cpu, "cores": os.cpu_count(), "simd": simd or "?",
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "kernel": platform.release(), "versions": versions}
+
+
+def _version(results, peer):
+    r = results.get(peer) or {}
+    return r.get("info", {}).get("version")
+
+
+# --------------------------------------------------------------- main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="GGUF file (default: fastattn's default model)")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--peers", default=",".join(ALL_PEERS),
+                    help=f"comma-separated, among {','.join(ALL_PEERS)}")
+    ap.add_argument("--numpy-prompt-tokens", type=int, default=64)
+    ap.add_argument("--numpy-gen-tokens", type=int, default=16)
+    ap.add_argument("--numpy-reps", type=int, default=1)
+    ap.add_argument("--llama-flash-attn", choices=["on", "off"], default="on",
+                    help="llama.cpp flash attention (its own CLI's default resolves to on "
+                         "for CPU; llama-cpp-python's default is off)")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per system")
+    ap.add_argument("--wait-quiet", type=float, default=120.0,
+                    help="before each system, wait up to this many seconds for other "
+                         "processes to leave the CPUs idle (0: do not wait)")
+    ap.add_argument("--json", help="write every number (and the token ids) here")
+    args = ap.parse_args(argv)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in ALL_PEERS]
+    if unknown:
+        ap.error(f"unknown peer {unknown[0]!r} (known: {', '.join(ALL_PEERS)})")
+    if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.threads < 1 or args.reps < 1:
+        ap.error("need --prompt-tokens >= 1, --gen-tokens >= 2, --threads >= 1, --reps >= 1")
+
+    # the prompt, from fastattn's tokenizer
+    from fastattn.loaders import load_model_files
+    from fastattn.tokenizer import Tokenizer
+    model_path = resolve_model(args.model)
+    loaded = load_model_files(model_path)
+    tokenizer = Tokenizer.from_loaded(loaded.tokenizer)
+    prompts = {"main": build_prompt(tokenizer, args.prompt_tokens),
+               "numpy": build_prompt(tokenizer, args.numpy_prompt_tokens)}
+    facts = model_facts(loaded)
+    del loaded
+
+    main_load = {"prompt": "main", "n_prompt": args.prompt_tokens, "n_gen": args.gen_tokens,
+                 "warmup": 1, "reps": args.reps}
+    small_load = {"prompt": "numpy", "n_prompt": args.numpy_prompt_tokens,
+                  "n_gen": args.numpy_gen_tokens, "warmup": 0, "reps": args.numpy_reps}
+    folders = cache_dir_for(model_path)
+    base_spec = {"model": model_path, "threads": args.threads, "prompts": prompts,
+                 "hf_dir": os.path.join(folders, "hf"),
+                 "ct2_dir": os.path.join(folders, "ct2-float32"),
+                 "ct2_int8_dir": os.path.join(folders, "ct2-int8"),
+                 "options": {"llama_flash_attn": args.llama_flash_attn == "on"}}
+
+    # which systems can run
+    missing = {p: availability(p) for p in peers}
+    missing = {p: why for p, why in missing.items() if why}
+    missing.update(prepare(model_path, [p for p in peers if p not in missing],
+                           args.threads, log))
+
+    bandwidth = measure_bandwidth(args.threads, log)
+
+    results = {}
+    for peer in peers:
+        if peer in missing:
+            results[peer] = {"error": missing[peer]}
+            continue
+        if peer == "numpy":
+            workloads = [small_load]
+        elif peer == "fastattn" and "numpy" in peers and "numpy" not in missing:
+            # fastattn also on the numpy sizes: that ratio is measured, not extrapolated
+            workloads = [main_load, {**small_load, "warmup": 1, "reps": max(3, args.reps)}]
+        else:
+            workloads = [main_load]
+        log(f"running {peer} ...")
+        idle_before = wait_quiet(args.wait_quiet, log) if args.wait_quiet > 0 else None
+        busy0, own0, t0 = cpu_busy_s(), children_cpu_s(), time.perf_counter()
+        results[peer] = run_child(peer, {**base_spec, "workloads": workloads},
+                                  args.threads, args.timeout, log)
+        wall = time.perf_counter() - t0
+        other = (cpu_busy_s() - busy0) - (children_cpu_s() - own0)
+        # CPU time spent by anything but the child, in cores, averaged over its run:
+        # near 0 on a quiet machine; a run with more than ~0.1 is suspect
+        results[peer]["background_cores"] = max(0.0, other / wall)
+        results[peer]["busy_before"] = idle_before
+
+    report = build_report(args, model_path, facts, bandwidth, results, peers)
+    print(report["text"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v for k, v in report.items() if k != "text"}, f, indent=1)
+    return 0
+
+
+def build_report(args, model_path, facts, bandwidth, results, peers):
+    """The printed text and the JSON record of one comparison."""
+    summaries = {}
+    for peer, r in results.items():
+        if "workloads" in r:
+            summaries[peer] = [summarize(w) for w in r["workloads"]]
+    fa = summaries.get("fastattn", [None])[0]
+
+    # the main table
+    rows = []
+    for peer in peers:
+        r = results[peer]
+        if peer == "numpy":
+            continue
+        if "error" in r:
+            rows.append([peer, "-", "-", "-", "-", "-", "-", "-", "-", "-", r["error"]])
+            continue
+        s = summaries[peer][0]
+        same = (f"{common_prefix(s['tokens'], fa['tokens'])}/{s['n_gen_done']}"
+                if fa and peer != "fastattn" else "-")
+        note = [] if s["n_gen_done"] == s["n_gen"] else [
+            f"stopped early after {s['n_gen_done']} tokens"]
+        rows.append([
+            peer, r["info"].get("weights", "?"),
+            fmt(s["prefill_tok_s"]), fmt(s["ttft_s"] * 1e3), fmt(s["decode_tok_s"]),
+            fmt(ratio(fa and fa["prefill_tok_s"], s["prefill_tok_s"]), "{:.2f}x"),
+            fmt(ratio(fa and fa["decode_tok_s"], s["decode_tok_s"]), "{:.2f}x"),
+            fmt(r["peak_rss_mib"], "{:.0f}"), same,
+            fmt(r.get("background_cores"), "{:.2f}"), "; ".join(note)])
+    headers = ["system", "weights", "prefill tok/s", "TTFT ms", "decode tok/s",
+               "fastattn x prefill", "fastattn x decode", "peak RSS MiB",
+               "same tokens", "other load", "note"]
+
+    lines = [f"model   {model_path}",
+             f"prompt  {args.prompt_tokens} tokens, {args.gen_tokens} new tokens (greedy), "
+             f"{args.threads} threads, median of {args.reps} runs after 1 warm-up",
+             "(other load: cores used by other processes during that system's run; "
+             "above ~0.1 its numbers are suspect)", "",
+             table(rows, headers, "llrrrrrrrrl")]
+
+    # the numpy reference next to fastattn on the same sizes
+    numpy_cmp = None
+    if "numpy" in peers:
+        lines += ["", f"numpy reference (no KV cache): {args.numpy_prompt_tokens}-token "
+                      f"prompt, {args.numpy_gen_tokens} new tokens, "
+                      f"{args.numpy_reps} run(s)"]
+        r = results["numpy"]
+        small = summaries.get("fastattn", [None, None])
+        small = small[1] if len(small) > 1 else None
+        if "error" in r:
+            lines.append(f"  numpy: {r['error']}")
+        else:
+            s = summaries["numpy"][0]
+            lines.append(f"  numpy     total {s['total_s']:.2f} s  "
+                         f"({s['total_tok_s']:.2f} tok/s overall), peak RSS "
+                         f"{r['peak_rss_mib']:.0f} MiB")
+            if small:
+                numpy_cmp = {"numpy_total_s": s["total_s"], "fastattn_total_s": small["total_s"],
+                             "speedup": s["total_s"] / small["total_s"],
+                             "same_tokens": common_prefix(s["tokens"], small["tokens"]),
+                             "n_prompt": s["n_prompt"], "n_gen": s["n_gen"]}
+                lines.append(f"  fastattn  total {small['total_s'] * 1e3:.1f} ms "
+                             f"(prefill {small['ttft_s'] * 1e3:.1f} ms + decode "
+                             f"{small['decode_s'] * 1e3:.1f} ms)")
+                lines.append(f"  fastattn is {numpy_cmp['speedup']:.0f}x faster; same tokens "
+                             f"{numpy_cmp['same_tokens']}/{s['n_gen']}")
+
+    # the bandwidth bound
+    bound = None
+    if bandwidth:
+        avg_pos = args.prompt_tokens + args.gen_tokens / 2
+        kv = facts["kv_bytes_per_pos"] * avg_pos
+        bound = {"gb_s": bandwidth["gb_s"], "method": bandwidth["method"],
+                 "weight_bytes": facts["weight_bytes"], "kv_bytes_avg": kv}
+        lines += ["", f"memory read bandwidth {bandwidth['gb_s']:.1f} GB/s "
+                      f"({bandwidth['method']}, best of 5 reads of "
+                      f"{bandwidth['bytes'] / 2**30:.0f} GiB)"]
+        for peer, wbytes in (("fastattn", facts["weight_bytes"]),
+                             ("fastattn-f32", facts["weight_bytes_f32"])):
+            per_token = wbytes + kv
+            limit = bandwidth["gb_s"] * 1e9 / per_token
+            s = summaries.get(peer, [None])[0]
+            frac = s["decode_tok_s"] / limit if s else None
+            bound[peer] = {"bytes_per_token": per_token, "limit_tok_s": limit,
+                           "fraction": frac}
+            lines.append(f"  {peer:<13} reads {wbytes / 1e6:.1f} MB weights + "
+                         f"{kv / 1e6:.1f} MB KV cache per token (mean position "
+                         f"{avg_pos:.0f}) -> limit {limit:.1f} tok/s"
+                         + (f"; decode at {frac:.0%} of it" if frac else ""))
+
+    # the targets
+    targets = compute_targets(summaries, bound, numpy_cmp, args)
+    lines += ["", "targets"]
+    for t in targets:
+        mark = "n/a " if t["value"] is None else ("PASS" if t["value"] >= t["goal"] else "FAIL")
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        lines.append(f"  {mark}  {t['name']:<58} {value:>7}  (goal >= {t['goal']:g})")
+
+    machine = machine_line(results)
+    lines += ["", f"machine {machine['cpu']}, {machine['cores']} cores, "
+                  f"fastattn SIMD {machine['simd']}, {machine['date']}",
+              "versions " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())]
+    return {"text": "\n".join(lines), "args": vars(args), "model": model_path,
+            "facts": facts, "bandwidth": bound, "machine": machine, "numpy": numpy_cmp,
+            "targets": targets, "summaries": summaries,
+            "results": {p: {k: v for k, v in r.items() if k != "workloads"}
+                        for p, r in results.items()}}
+
+
+def compute_targets(summaries, bound, numpy_cmp, args):
+    def main(peer, key):
+        s = summaries.get(peer)
+        return s[0][key] if s else None
+
+    def speedup(a, b, key):
+        return ratio(main(a, key), main(b, key))
+
+    n = args.prompt_tokens
+    out = [
+        ("Q4_1 decode: fastattn / llama.cpp", speedup("fastattn", "llama.cpp", "decode_tok_s"),
+         2.0),
+        ("Q4_1 decode: fraction of the bandwidth limit",
+         bound and bound.get("fastattn", {}).get("fraction"), 0.8),
+        ("float32 decode: fastattn-f32 / ctranslate2",
+         speedup("fastattn-f32", "ctranslate2", "decode_tok_s"), 1.3),
+        (f"prefill {n}: fastattn-f32 / ctranslate2 (float32)",
+         speedup("fastattn-f32", "ctranslate2", "prefill_tok_s"), 1.2),
+        (f"prefill {n}: fastattn / ctranslate2-int8 (quantized)",
+         speedup("fastattn", "ctranslate2-int8", "prefill_tok_s"), 1.2),
+        (f"prefill {n}: fastattn / llama.cpp",
+         speedup("fastattn", "llama.cpp", "prefill_tok_s"), 2.0),
+    ]
+    if numpy_cmp:
+        out.append((f"{numpy_cmp['n_gen']}-token generation ({numpy_cmp['n_prompt']}-token "
+                    f"prompt): fastattn / numpy", numpy_cmp["speedup"], 100.0))
+    return [{"name": name, "value": value, "goal": goal} for name, value, goal in out]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Run fastattn's decode in a loop long enough for a sampling profiler.
+
+    perf record -e cpu-clock -F 2000 -g -o perf.data -- \\
+        python benchmarks/profile_decode.py --tokens 256
+    perf report -i perf.data --no-children --sort dso,symbol
+
+Prefills --prompt-tokens tokens of the benchmark prompt, then decodes
+--tokens tokens greedily (restarting from the prompt whenever the state is
+full); prints the decode rate so the profiled run can be checked against an
+unprofiled one.  --phase prefill repeats the prompt forward instead.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=256, help="decode steps to run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--phase", choices=["decode", "prefill"], default="decode")
+    ap.add_argument("--f32", action="store_true", help="float32 copy of the weights")
+    args = ap.parse_args(argv)
+
+    from compare import build_prompt, resolve_model
+    from peers import _fastattn_weights
+
+    from fastattn.loaders import load_model_files
+    from fastattn.model import Transformer
+    from fastattn.tokenizer import Tokenizer
+
+    loaded = load_model_files(resolve_model(args.model))
+    ids = build_prompt(Tokenizer.from_loaded(loaded.tokenizer), args.prompt_tokens)
+    model = Transformer(loaded.config, _fastattn_weights(loaded, args.f32),
+                        n_threads=args.threads)
+    n_gen = 128
+    state = model.new_state(len(ids) + n_gen)
+
+    if args.phase == "prefill":
+        t = time.perf_counter()
+        for _ in range(args.tokens):
+            state.reset()
+            model.prefill(state, ids)
+        dt = time.perf_counter() - t
+        print(f"prefill {len(ids)} tokens x {args.tokens}: "
+              f"{len(ids) * args.tokens / dt:.1f} tok/s")
+        return 0
+
+    token = int(np.argmax(model.prefill(state, ids)))
+    done, spent = 0, 0.0
+    while done < args.tokens:
+        if state.n_past == state.n_ctx:
+            state.rewind(len(ids))
+        t = time.perf_counter()
+        token = int(np.argmax(model.decode(state, token)))
+        spent += time.perf_counter() - t
+        done += 1
+    print(f"decode {done} tokens after a {len(ids)}-token prompt: {done / spent:.1f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
