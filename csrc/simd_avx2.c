@@ -172,20 +172,48 @@ DOT_ENTRY(avx2_dot_q4_1, CALL_Q4_1)
 
 /* ----------------------------------------------------------- attention */
 
+/* The lane sums of four vectors, as one vector [sum a0, sum a1, sum a2, sum a3]. */
+INL __m128 hsum_x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* Scores of four keys at a time, so one reduction tree serves four dot
+ * products; past the last key the group repeats key n_t - 1 and drops those
+ * results, so every score is computed the same way wherever it falls. */
 T256 static void avx2_scores(float *score, const float *q, const float *k, int64_t n_t,
                              int64_t n, float scale) {
-    for (int64_t t = 0; t < n_t; t++) {
-        const float *kt = k + t * n;
-        __m256 acc = _mm256_setzero_ps();
+    const __m128 vscale = _mm_set1_ps(scale);
+    for (int64_t t = 0; t < n_t; t += 4) {
+        const float *k0 = k + t * n;
+        const float *k1 = k + (t + 1 < n_t ? t + 1 : n_t - 1) * n;
+        const float *k2 = k + (t + 2 < n_t ? t + 2 : n_t - 1) * n;
+        const float *k3 = k + (t + 3 < n_t ? t + 3 : n_t - 1) * n;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         int64_t i = 0;
-        for (; i + 8 <= n; i += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kt + i), acc);
+        for (; i + 8 <= n; i += 8) {
+            __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+        }
         if (i < n) {
             __m256i m = tail_mask(n - i);
-            acc = _mm256_fmadd_ps(_mm256_maskload_ps(q + i, m), _mm256_maskload_ps(kt + i, m),
-                                  acc);
+            __m256 qv = _mm256_maskload_ps(q + i, m);
+            a0 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + i, m), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k1 + i, m), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k2 + i, m), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k3 + i, m), a3);
         }
-        score[t] = scale * hsum8(acc);
+        __m128 sc = _mm_mul_ps(vscale, hsum_x4(a0, a1, a2, a3));
+        if (n_t - t >= 4) {
+            _mm_storeu_ps(score + t, sc);
+        } else {
+            float tmp[4];
+            _mm_storeu_ps(tmp, sc);
+            for (int64_t j = 0; j < n_t - t; j++) score[t + j] = tmp[j];
+        }
     }
 }
 

@@ -184,17 +184,41 @@ DOT_ENTRY(avx512_dot_q4_1, CALL_Q4_1)
 
 /* ----------------------------------------------------------- attention */
 
+/* The lane sums of four vectors, as one vector [sum a0, sum a1, sum a2, sum a3]. */
+INL __m128 hsum_x4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    __m512 u = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* Scores of four keys at a time, so one reduction tree serves four dot
+ * products.  Past the last key the group repeats key n_t - 1 (never reading
+ * beyond the filled cache) and drops those results, so every score is
+ * computed the same way wherever it falls in a group. */
 T512 static void avx512_scores(float *score, const float *q, const float *k, int64_t n_t,
                                int64_t n, float scale) {
-    for (int64_t t = 0; t < n_t; t++) {
-        const float *kt = k + t * n;
-        __m512 acc = _mm512_setzero_ps();
+    const __m128 vscale = _mm_set1_ps(scale);
+    for (int64_t t = 0; t < n_t; t += 4) {
+        const float *k0 = k + t * n;
+        const float *k1 = k + (t + 1 < n_t ? t + 1 : n_t - 1) * n;
+        const float *k2 = k + (t + 2 < n_t ? t + 2 : n_t - 1) * n;
+        const float *k3 = k + (t + 3 < n_t ? t + 3 : n_t - 1) * n;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t i = 0; i < n; i += 16) {
             __mmask16 m = tail_mask(n - i);
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i),
-                                  _mm512_maskz_loadu_ps(m, kt + i), acc);
+            __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + i), a0);
+            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k1 + i), a1);
+            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k2 + i), a2);
+            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k3 + i), a3);
         }
-        score[t] = scale * _mm512_reduce_add_ps(acc);
+        __m128 sc = _mm_mul_ps(vscale, hsum_x4(a0, a1, a2, a3));
+        _mm_mask_storeu_ps(score + t, (__mmask8)(n_t - t >= 4 ? 0xf : (1u << (n_t - t)) - 1), sc);
     }
 }
 
