@@ -151,43 +151,51 @@ def gpt2_block(x, w, i, config, attention):
     p = f"blk.{i}."
     n_embd = config.n_embd
 
+    def fc(h, name):     # h W^T + b with the block's tensor `name`
+        return linear(h, w[p + name + ".weight"], w[p + name + ".bias"])
+
+    def ln(h, name):
+        return layer_norm(h, w[p + name + ".weight"], w[p + name + ".bias"],
+                          config.norm_eps)
+
     # attention: x + c_proj(attn(c_attn(ln_1(x))))
-    h = layer_norm(x, w[p + "attn_norm.weight"], w[p + "attn_norm.bias"], config.norm_eps)
-    qkv = linear(h, w[p + "attn_qkv.weight"], w[p + "attn_qkv.bias"])  # -> [n_seq, 3*n_embd]
+    qkv = fc(ln(x, "attn_norm"), "attn_qkv")      # [n_seq, n_embd] -> [n_seq, 3*n_embd]
     q, k, v = qkv[:, :n_embd], qkv[:, n_embd:2 * n_embd], qkv[:, 2 * n_embd:]
     a = multi_head_attention(q, k, v, config.n_head, config.n_head, attention)
-    x = x + linear(a, w[p + "attn_output.weight"], w[p + "attn_output.bias"])
+    x = x + fc(a, "attn_output")                  # [n_seq, n_embd]
 
     # MLP: x + c_proj(gelu(c_fc(ln_2(x))))
-    h = layer_norm(x, w[p + "ffn_norm.weight"], w[p + "ffn_norm.bias"], config.norm_eps)
-    h = gelu(linear(h, w[p + "ffn_up.weight"], w[p + "ffn_up.bias"]))   # -> [n_seq, n_ff]
-    return x + linear(h, w[p + "ffn_down.weight"], w[p + "ffn_down.bias"])  # -> [n_seq, n_embd]
+    h = gelu(fc(ln(x, "ffn_norm"), "ffn_up"))     # [n_seq, n_embd] -> [n_seq, n_ff]
+    return x + fc(h, "ffn_down")                  # [n_seq, n_ff] -> [n_seq, n_embd]
 
 
 def llama_block(x, w, i, config, attention):
     """One Llama block; x [n_seq, n_embd] -> [n_seq, n_embd]."""
     p = f"blk.{i}."
-    n_seq = x.shape[0]
-    head_dim = config.head_dim
+    n_seq, head_dim = x.shape[0], config.head_dim
 
-    # attention: x + o(attn(rope(q(h)), rope(k(h)), v(h))), h = rms_norm(x)
+    def fc(h, name):     # h W^T (+ b, if the checkpoint has biases)
+        return linear(h, w[p + name + ".weight"], w.get(p + name + ".bias"))
+
+    def heads(t, n_head):
+        # [n_seq, n_head*head_dim] -> [n_seq, n_head, head_dim]
+        return t.reshape(n_seq, n_head, head_dim)
+
+    # attention: x + o(attn(rope(q h), rope(k h), v h)), h = rms_norm(x)
     h = rms_norm(x, w[p + "attn_norm.weight"], config.norm_eps)
-    q = linear(h, w[p + "attn_q.weight"], w.get(p + "attn_q.bias"))  # -> [n_seq, n_embd]
-    k = linear(h, w[p + "attn_k.weight"], w.get(p + "attn_k.bias"))  # -> [n_seq, n_embd_kv]
-    v = linear(h, w[p + "attn_v.weight"], w.get(p + "attn_v.bias"))  # -> [n_seq, n_embd_kv]
-    q = rope(q.reshape(n_seq, config.n_head, head_dim), config.rope_theta, config.rope_neox)
-    k = rope(k.reshape(n_seq, config.n_kv_head, head_dim), config.rope_theta,
-             config.rope_neox)
+    q = fc(h, "attn_q")                           # [n_seq, n_embd] -> [n_seq, n_embd]
+    k = fc(h, "attn_k")                           # [n_seq, n_embd] -> [n_seq, n_embd_kv]
+    v = fc(h, "attn_v")                           # [n_seq, n_embd] -> [n_seq, n_embd_kv]
+    q = rope(heads(q, config.n_head), config.rope_theta, config.rope_neox)
+    k = rope(heads(k, config.n_kv_head), config.rope_theta, config.rope_neox)
     a = multi_head_attention(q.reshape(n_seq, -1), k.reshape(n_seq, -1), v,
                              config.n_head, config.n_kv_head, attention)
-    x = x + linear(a, w[p + "attn_output.weight"], w.get(p + "attn_output.bias"))
+    x = x + fc(a, "attn_output")                  # [n_seq, n_embd]
 
-    # MLP: x + down(silu(gate(h)) * up(h)), h = rms_norm(x)
+    # MLP: x + down(silu(gate h) * up h), h = rms_norm(x)
     h = rms_norm(x, w[p + "ffn_norm.weight"], config.norm_eps)
-    gate = linear(h, w[p + "ffn_gate.weight"], w.get(p + "ffn_gate.bias"))  # -> [n_seq, n_ff]
-    up = linear(h, w[p + "ffn_up.weight"], w.get(p + "ffn_up.bias"))        # -> [n_seq, n_ff]
-    return x + linear(silu(gate) * up, w[p + "ffn_down.weight"],
-                      w.get(p + "ffn_down.bias"))                        # -> [n_seq, n_embd]
+    h = silu(fc(h, "ffn_gate")) * fc(h, "ffn_up")  # [n_seq, n_embd] -> [n_seq, n_ff]
+    return x + fc(h, "ffn_down")                  # [n_seq, n_ff] -> [n_seq, n_embd]
 
 
 # ---------------------------------------------------------------- the model
