@@ -24,11 +24,12 @@ typedef struct {
     int max_rows;  /* rows the level's kernels take at once, <= FA_MAX_ROWS */
     /* attention over one head, head_dim = n:
      * scores: score[t] = scale * sum_i q[i] k[t, i]         t < n_t
-     * wsum:   out[i] = sum_t p[t] v[t, i], t in order      i < n
+     * wsum:   out[i] = sum_t p[t] v[t * ldv + i], t in order   i < n
      * softmax_exp: p[t] = exp(score[t] - mx), returns sum_t p[t] */
     void (*scores)(float *score, const float *q, const float *k, int64_t n_t,
                    int64_t n, float scale);
-    void (*wsum)(float *out, const float *p, const float *v, int64_t n_t, int64_t n);
+    void (*wsum)(float *out, const float *p, const float *v, int64_t ldv, int64_t n_t,
+                 int64_t n);
     float (*softmax_exp)(float *score, int64_t n_t, float mx);
     /* activations over n values, as fa_swiglu and fa_gelu define them */
     void (*swiglu)(float *gate, const float *up, int64_t n);

@@ -111,11 +111,11 @@ static void generic_scores(float *score, const float *q, const float *k, int64_t
     }
 }
 
-static void generic_wsum(float *out, const float *p, const float *v, int64_t n_t,
-                         int64_t n) {
+static void generic_wsum(float *out, const float *p, const float *v, int64_t ldv,
+                         int64_t n_t, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = 0.0f;
     for (int64_t t = 0; t < n_t; t++)
-        for (int64_t i = 0; i < n; i++) out[i] += p[t] * v[t * n + i];
+        for (int64_t i = 0; i < n; i++) out[i] += p[t] * v[t * ldv + i];
 }
 
 static float generic_softmax_exp(float *score, int64_t n_t, float mx) {

@@ -129,6 +129,72 @@ void fa_rope(float *x, int64_t n_seq, int n_head, int head_dim, int64_t pos0,
 
 /* ------------------------------------------------------------ attention */
 
+/* Keys a chunk holds: 64 keys of head_dim 64 are 16 KB of K and 16 KB of V,
+ * which stay in L1 while every query head of a KV group uses them. */
+#define ATT_CHUNK 64
+/* Query heads that share one pass over a KV head's chunks. */
+#define ATT_GROUP 8
+/* Columns of the output one step of the weighted sum holds. */
+#define ATT_COLS 256
+
+/* Attention of query s for the query heads h0 .. h0 + n_h - 1, which all read
+ * KV head kh / vh.  Softmax runs online over chunks of keys: each head keeps
+ * its running max mx, its running sum l, and its output o scaled to mx; a new
+ * chunk with a higher max rescales them by exp(old - new).  Chunks start at
+ * multiples of ATT_CHUNK, so a query gives the same numbers in a prefill and
+ * in a decode. */
+static void attend_group(const fa_kernels *kern, const float *q, const float *kh,
+                         const float *vh, float *out, int n_h, int head_dim, int64_t n_t,
+                         float scale) {
+    float score[ATT_GROUP][ATT_CHUNK];
+    float part[ATT_COLS];
+    float mx[ATT_GROUP], l[ATT_GROUP];
+
+    for (int64_t t0 = 0; t0 < n_t; t0 += ATT_CHUNK) {
+        int64_t c = n_t - t0 < ATT_CHUNK ? n_t - t0 : ATT_CHUNK;
+        const float *kc = kh + t0 * head_dim, *vc = vh + t0 * head_dim;
+
+        /* scores of this chunk for every head: one pass over the K chunk */
+        for (int g = 0; g < n_h; g++)
+            kern->scores(score[g], q + (int64_t)g * head_dim, kc, c, head_dim, scale);
+
+        for (int g = 0; g < n_h; g++) {
+            float *o = out + (int64_t)g * head_dim;
+
+            /* new running max; the factor that rescales what came before */
+            float m = score[g][0];
+            for (int64_t t = 1; t < c; t++)
+                if (score[g][t] > m) m = score[g][t];
+            float factor = 0.0f;
+            if (t0 > 0) {
+                if (mx[g] > m) m = mx[g];
+                factor = expf(mx[g] - m);
+            }
+            mx[g] = m;
+            float sum = kern->softmax_exp(score[g], c, m);
+            l[g] = t0 > 0 ? l[g] * factor + sum : sum;
+
+            /* o = o * factor + sum_t p_t v_t over the chunk, ATT_COLS at a time */
+            for (int i0 = 0; i0 < head_dim; i0 += ATT_COLS) {
+                int n_i = head_dim - i0 < ATT_COLS ? head_dim - i0 : ATT_COLS;
+                if (t0 == 0) {
+                    kern->wsum(o + i0, score[g], vc + i0, head_dim, c, n_i);
+                } else {
+                    kern->wsum(part, score[g], vc + i0, head_dim, c, n_i);
+                    for (int i = 0; i < n_i; i++) o[i0 + i] = o[i0 + i] * factor + part[i];
+                }
+            }
+        }
+    }
+
+    /* out = o / l */
+    for (int g = 0; g < n_h; g++) {
+        float inv = 1.0f / l[g];
+        float *o = out + (int64_t)g * head_dim;
+        for (int i = 0; i < head_dim; i++) o[i] *= inv;
+    }
+}
+
 void fa_attention(const float *q, const float *k, const float *v, float *out,
                   int64_t n_seq, int64_t pos0, int n_head, int n_kv_head, int head_dim,
                   int64_t n_ctx, float *scratch, int ith, int nth) {
@@ -136,36 +202,28 @@ void fa_attention(const float *q, const float *k, const float *v, float *out,
         || n_kv_head <= 0 || n_head % n_kv_head || head_dim <= 0 || n_ctx <= 0
         || pos0 + n_seq > n_ctx || nth < 1 || ith < 0 || ith >= nth)
         return;
+    /* scratch is part of the contract but no longer needed: scores live in
+     * a fixed stack buffer per chunk (see attend_group) */
     const fa_kernels *kern = fa_kernels_current();
     const int group = n_head / n_kv_head;
-    const int64_t n_kv = pos0 + n_seq;
+    const int n_sub = (group + ATT_GROUP - 1) / ATT_GROUP;  /* head subgroups per KV head */
     const int64_t row = (int64_t)n_head * head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
-    float *score = scratch + (int64_t)ith * n_kv;
 
-    /* this thread's (head, query) pairs, head-major */
+    /* this thread's (KV head, subgroup, query) units, KV-head-major */
     int64_t u0, u1;
-    fa_share((int64_t)n_head * n_seq, ith, nth, &u0, &u1);
+    fa_share((int64_t)n_kv_head * n_sub * n_seq, ith, nth, &u0, &u1);
     for (int64_t u = u0; u < u1; u++) {
-        int h = (int)(u / n_seq);
         int64_t s = u % n_seq;
-        int64_t n_t = pos0 + s + 1;  /* causal: positions 0 .. pos0 + s */
-        const float *qh = q + s * row + (int64_t)h * head_dim;
-        const float *kh = k + (int64_t)(h / group) * n_ctx * head_dim;
-        const float *vh = v + (int64_t)(h / group) * n_ctx * head_dim;
-        float *oh = out + s * row + (int64_t)h * head_dim;
-
-        /* scores = q k^T / sqrt(head_dim) and their max */
-        kern->scores(score, qh, kh, n_t, head_dim, scale);
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < n_t; t++)
-            if (score[t] > mx) mx = score[t];
-
-        /* softmax numerators, then out = (sum_t p_t v_t) / sum_t p_t */
-        float sum = kern->softmax_exp(score, n_t, mx);
-        kern->wsum(oh, score, vh, n_t, head_dim);
-        float inv = 1.0f / sum;
-        for (int i = 0; i < head_dim; i++) oh[i] *= inv;
+        int sub = (int)(u / n_seq);
+        int kv = sub / n_sub;
+        int h0 = kv * group + (sub % n_sub) * ATT_GROUP;
+        int n_h = kv * group + group - h0 < ATT_GROUP ? kv * group + group - h0 : ATT_GROUP;
+        const float *kh = k + (int64_t)kv * n_ctx * head_dim;
+        const float *vh = v + (int64_t)kv * n_ctx * head_dim;
+        attend_group(kern, q + s * row + (int64_t)h0 * head_dim, kh, vh,
+                     out + s * row + (int64_t)h0 * head_dim, n_h, head_dim, pos0 + s + 1,
+                     scale);
     }
 }
 

@@ -218,15 +218,15 @@ T256 static void avx2_scores(float *score, const float *q, const float *k, int64
 }
 
 /* out[i] = sum_t p[t] v[t, i], 32 columns at a time held in registers. */
-T256 static void avx2_wsum(float *out, const float *p, const float *v, int64_t n_t,
-                           int64_t n) {
+T256 static void avx2_wsum(float *out, const float *p, const float *v, int64_t ldv,
+                           int64_t n_t, int64_t n) {
     for (int64_t i0 = 0; i0 < n; i0 += 32) {
         __m256i m0 = tail_mask(n - i0), m1 = tail_mask(n - i0 - 8);
         __m256i m2 = tail_mask(n - i0 - 16), m3 = tail_mask(n - i0 - 24);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         if (n - i0 >= 32) {
             for (int64_t t = 0; t < n_t; t++) {
-                const float *vt = v + t * n + i0;
+                const float *vt = v + t * ldv + i0;
                 __m256 pt = _mm256_set1_ps(p[t]);
                 a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt), a0);
                 a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8), a1);
@@ -235,7 +235,7 @@ T256 static void avx2_wsum(float *out, const float *p, const float *v, int64_t n
             }
         } else {
             for (int64_t t = 0; t < n_t; t++) {
-                const float *vt = v + t * n + i0;
+                const float *vt = v + t * ldv + i0;
                 __m256 pt = _mm256_set1_ps(p[t]);
                 a0 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt, m0), a0);
                 a1 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt + 8, m1), a1);

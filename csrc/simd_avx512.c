@@ -222,25 +222,35 @@ T512 static void avx512_scores(float *score, const float *q, const float *k, int
     }
 }
 
-/* out[i] = sum_t p[t] v[t, i], 64 columns at a time held in registers. */
-T512 static void avx512_wsum(float *out, const float *p, const float *v, int64_t n_t,
-                             int64_t n) {
+/* out[i] = sum_t p[t] v[t, i], 64 columns at a time held in registers.
+ * Even and odd keys go to separate accumulators (two FMA chains instead of
+ * one), added at the end. */
+T512 static void avx512_wsum(float *out, const float *p, const float *v, int64_t ldv,
+                             int64_t n_t, int64_t n) {
     for (int64_t i0 = 0; i0 < n; i0 += 64) {
-        __mmask16 m0 = tail_mask(n - i0), m1 = tail_mask(n - i0 - 16);
-        __mmask16 m2 = tail_mask(n - i0 - 32), m3 = tail_mask(n - i0 - 48);
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t t = 0; t < n_t; t++) {
-            const float *vt = v + t * n + i0;
-            __m512 pt = _mm512_set1_ps(p[t]);
-            a0 = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m0, vt), a0);
-            a1 = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m1, vt + 16), a1);
-            a2 = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m2, vt + 32), a2);
-            a3 = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m3, vt + 48), a3);
+        __mmask16 m[4];
+        for (int j = 0; j < 4; j++) m[j] = tail_mask(n - i0 - 16 * j);
+        __m512 a[2][4];
+        for (int e = 0; e < 2; e++)
+            for (int j = 0; j < 4; j++) a[e][j] = _mm512_setzero_ps();
+        int64_t t = 0;
+        for (; t + 2 <= n_t; t += 2) {
+            for (int e = 0; e < 2; e++) {
+                const float *vt = v + (t + e) * ldv + i0;
+                __m512 pt = _mm512_set1_ps(p[t + e]);
+                for (int j = 0; j < 4; j++)
+                    a[e][j] = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m[j], vt + 16 * j),
+                                              a[e][j]);
+            }
         }
-        _mm512_mask_storeu_ps(out + i0, m0, a0);
-        _mm512_mask_storeu_ps(out + i0 + 16, m1, a1);
-        _mm512_mask_storeu_ps(out + i0 + 32, m2, a2);
-        _mm512_mask_storeu_ps(out + i0 + 48, m3, a3);
+        if (t < n_t) {
+            const float *vt = v + t * ldv + i0;
+            __m512 pt = _mm512_set1_ps(p[t]);
+            for (int j = 0; j < 4; j++)
+                a[0][j] = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m[j], vt + 16 * j), a[0][j]);
+        }
+        for (int j = 0; j < 4; j++)
+            _mm512_mask_storeu_ps(out + i0 + 16 * j, m[j], _mm512_add_ps(a[0][j], a[1][j]));
     }
 }
 
