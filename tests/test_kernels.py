@@ -347,6 +347,10 @@ def make_cache(rng, n_kv_head, n_ctx, head_dim, n_filled):
     (7, 0, 9, 3, 64, 16),        # prefill, causal
     (5, 11, 4, 4, 13, 20),       # prefill after a cached prefix, odd head_dim
     (3, 2, 6, 1, 24, 8),         # multi-query
+    (1, 300, 9, 3, 64, 301),     # decode over five key chunks, the last partial
+    (70, 60, 4, 2, 16, 130),     # prefill crossing chunk boundaries
+    (2, 127, 18, 1, 8, 129),     # 18 query heads on one KV head: two head subgroups
+    (1, 200, 2, 1, 300, 201),    # head_dim wider than one column step
 ])
 def test_attention(level, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx):
     rng = np.random.default_rng(n_seq * 31 + pos0)
@@ -359,14 +363,32 @@ def test_attention(level, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx):
         out, K.attention(q, k, v, pos0, n_head, n_kv_head, n_threads=1))
 
 
+@pytest.mark.parametrize("ramp", ["rising", "falling"])
+def test_attention_running_max(level, ramp):
+    """Scores that rise (each chunk raises the running max, so earlier chunks
+    are rescaled) or fall (the first chunk holds the max) across 200 keys."""
+    rng = np.random.default_rng(8)
+    n_kv, head_dim = 200, 16
+    q = rand(rng, 1, head_dim)
+    alpha = np.linspace(-3, 12, n_kv, dtype=np.float32)
+    if ramp == "falling":
+        alpha = alpha[::-1].copy()
+    k = (alpha[:, None] * q[0] / np.linalg.norm(q[0]) * 4)[None].astype(np.float32)
+    v = rand(rng, 1, n_kv, head_dim)
+    out = K.attention(q, k, v, n_kv - 1, 1, 1)
+    np.testing.assert_allclose(out, attention_ref(q, k, v, n_kv - 1, 1, 1), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_attention_prefill_equals_decode(level):
-    """Query s of a prefill is bit-identical to a decode of it at pos0 + s."""
+    """Query s of a prefill is bit-identical to a decode of it at pos0 + s,
+    across key chunks (64 keys each)."""
     rng = np.random.default_rng(4)
-    n_seq, n_head, n_kv_head, head_dim = 6, 9, 3, 64
-    q = rand(rng, n_seq, n_head * head_dim)
-    k, v = make_cache(rng, n_kv_head, 16, head_dim, n_seq)
+    n_seq, n_head, n_kv_head, head_dim = 140, 9, 3, 64
+    q = rand(rng, n_seq, n_head * head_dim, scale=3.0)
+    k, v = make_cache(rng, n_kv_head, 150, head_dim, n_seq)
     full = K.attention(q, k, v, 0, n_head, n_kv_head)
-    for s in range(n_seq):
+    for s in (0, 1, 5, 63, 64, 65, 100, 127, 128, 139):
         one = K.attention(q[s:s + 1], k, v, s, n_head, n_kv_head, n_threads=1)
         np.testing.assert_array_equal(full[s:s + 1], one)
 
