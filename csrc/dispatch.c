@@ -31,6 +31,14 @@ size_t fa_row_bytes(int type, int64_t n_in) {
     }
 }
 
+/* ------------------------------------------------------- half table */
+
+float fa_f16_table[65536];
+
+__attribute__((constructor)) static void fill_f16_table(void) {
+    for (uint32_t h = 0; h < 65536; h++) fa_f16_table[h] = fa_f16_to_f32((uint16_t)h);
+}
+
 /* ------------------------------------------------------------- dispatch */
 
 static int level_in_use = -1;  /* -1: not chosen yet */

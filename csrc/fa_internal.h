@@ -72,6 +72,11 @@ static inline float fa_f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* fa_f16_to_f32 of every half, filled when the library loads.  A block's
+ * scale then reaches a vector register by one broadcast load, which costs the
+ * vector units nothing (cvtph2ps plus a register broadcast costs three ops). */
+extern float fa_f16_table[65536];
+
 static inline float fa_bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;

@@ -96,10 +96,11 @@ INL void dot_float(int type, const uint8_t *w, const float *x, int64_t ldx, cons
 
 /* ------------------------------------------------------ block-type dots */
 
-/* Dequantize one 32-value block into w[0..3], 8 values each, in order. */
+/* Dequantize one 32-value block into w[0..3], 8 values each, in order.
+ * Scales come from fa_f16_table by broadcast loads. */
 INL void decode_block(int type, const uint8_t *b, __m256 w[4]) {
+    __m256 d = _mm256_set1_ps(fa_f16_table[fa_read_u16(b)]);
     if (type == FA_Q8_0) {
-        __m256 d = _mm256_set1_ps(_cvtsh_ss(fa_read_u16(b)));
         for (int j = 0; j < 4; j++) {
             __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * j));
             w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
@@ -115,14 +116,9 @@ INL void decode_block(int type, const uint8_t *b, __m256 w[4]) {
     __m256i q[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),
                     _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)};
     if (q4_1) {
-        uint32_t dm_bits;
-        memcpy(&dm_bits, b, 4);
-        __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm_bits));
-        __m256 d = _mm256_broadcastss_ps(dm);
-        __m256 m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+        __m256 m = _mm256_set1_ps(fa_f16_table[fa_read_u16(b + 2)]);
         for (int j = 0; j < 4; j++) w[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[j]), d, m);
     } else {
-        __m256 d = _mm256_set1_ps(_cvtsh_ss(fa_read_u16(b)));
         __m256i eight = _mm256_set1_epi32(8);
         for (int j = 0; j < 4; j++)
             w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[j], eight)), d);

@@ -88,38 +88,34 @@ INL void dot_float(int type, const uint8_t *w, const float *x, int64_t ldx, cons
 
 /* ------------------------------------------------------ block-type dots */
 
-/* Dequantize one 32-value block into w0 (values 0..15) and w1 (16..31). */
+/* Dequantize one 32-value block into w0 (values 0..15) and w1 (16..31).
+ * Scales come from fa_f16_table by broadcast loads. */
 INL void decode_block(int type, const uint8_t *b, __m512 *w0, __m512 *w1) {
+    __m512 d = _mm512_set1_ps(fa_f16_table[fa_read_u16(b)]);
     if (type == FA_Q8_0) {
-        __m512 d = _mm512_set1_ps(_cvtsh_ss(fa_read_u16(b)));
         __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)));
         __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)));
         *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d);
         *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d);
-    } else {
-        /* Q4_0: d * (q - 8); Q4_1: d * q + m.  The 16 possible values of the
-         * block go in a table, and each nibble picks its value by vpermps
-         * (which reads only the low 4 bits of each index): cheaper than
-         * converting 32 integers, and the same numbers as fma(q, d, m). */
-        const __m512 k16 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        __m512 table;
-        __m512i v;
-        if (type == FA_Q4_0) {
-            __m512 d = _mm512_set1_ps(_cvtsh_ss(fa_read_u16(b)));
-            table = _mm512_mul_ps(_mm512_sub_ps(k16, _mm512_set1_ps(8.0f)), d);
-            v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)));
-        } else {
-            uint32_t dm_bits;
-            memcpy(&dm_bits, b, 4);
-            __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm_bits));
-            __m512 d = _mm512_broadcastss_ps(dm);
-            __m512 m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
-            table = _mm512_fmadd_ps(k16, d, m);
-            v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 4)));
-        }
-        *w0 = _mm512_permutexvar_ps(v, table);                        /* low nibbles */
-        *w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);  /* high nibbles */
+        return;
     }
+    /* Q4_0: d * (q - 8); Q4_1: d * q + m.  The 16 possible values of the
+     * block go in a table, and each nibble picks its value by vpermps (which
+     * reads only the low 4 bits of each index): cheaper than converting 32
+     * integers, and the same numbers as (q - 8) * d and fma(q, d, m). */
+    const __m512 k16 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 table;
+    __m512i v;
+    if (type == FA_Q4_0) {
+        table = _mm512_mul_ps(_mm512_sub_ps(k16, _mm512_set1_ps(8.0f)), d);
+        v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)));
+    } else {
+        __m512 m = _mm512_set1_ps(fa_f16_table[fa_read_u16(b + 2)]);
+        table = _mm512_fmadd_ps(k16, d, m);
+        v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 4)));
+    }
+    *w0 = _mm512_permutexvar_ps(v, table);                        /* low nibbles */
+    *w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);  /* high nibbles */
 }
 
 INL void dot_blocks(int type, size_t block_bytes, const uint8_t *w, const float *x,
