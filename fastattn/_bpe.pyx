@@ -16,12 +16,15 @@ from the `regex` package.  One word then becomes ids in three steps:
 Ranks live in an open-addressing hash table keyed by (left_id, right_id);
 pairs waiting to merge sit in a binary min-heap ordered by (rank, pos).  The
 loop runs on C arrays without the GIL.  Python sees one class, BytePairEncoder,
-whose encode_utf8() scans and merges a whole text and keeps a bounded cache of
-word -> ids for words that repeat.
+whose encode_utf8() scans and merges a whole text without the GIL, keeping a
+bounded C hash table of word -> ids for words that repeat.
 """
+from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
+                               PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock, PyThread_type_lock)
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memset
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
 
 import numpy as np
 
@@ -149,12 +152,6 @@ cdef void scratch_free(Scratch *s) noexcept nogil:
     free(s.prev)
     free(s.heap)
     memset(s, 0, sizeof(Scratch))
-
-
-# Words at least this long release the GIL while they merge; shorter ones take
-# less time than the release and re-acquire would.
-cdef enum:
-    NOGIL_MIN_BYTES = 256
 
 
 # ----------------------------------------------------------------------------
@@ -293,50 +290,168 @@ def split_utf8(bytes data, int mode):
     return out
 
 
+# ----------------------------------------------------------------------------
+# word tables: UTF-8 word -> ids.  The word cache is one (bounded: it forgets
+# everything when full), the whole-word vocabulary of ignore_merges another.
+
+cdef struct WordSlot:
+    uint64_t hash       # 0 when free
+    int32_t key_off     # the word's bytes: keys[key_off : key_off + key_len]
+    int32_t key_len
+    int32_t ids_off     # its ids: ids[ids_off : ids_off + n_ids]
+    int32_t n_ids
+
+cdef struct WordTable:
+    WordSlot *slots     # [mask + 1], at least twice max_words
+    size_t mask
+    Py_ssize_t n_words
+    Py_ssize_t max_words
+    uint8_t *keys       # [keys_cap] bytes of the words, one after another
+    Py_ssize_t keys_used
+    Py_ssize_t keys_cap
+    int32_t *ids        # [ids_cap] ids of the words, one after another
+    Py_ssize_t ids_used
+    Py_ssize_t ids_cap
+
+
+cdef int word_table_init(WordTable *t, Py_ssize_t max_words, Py_ssize_t keys_cap,
+                         Py_ssize_t ids_cap) noexcept nogil:
+    """0 on success, -1 when out of memory (t is then all NULL, safe to free)."""
+    cdef size_t n_slot = 16
+    memset(t, 0, sizeof(WordTable))
+    while n_slot < <size_t>(2 * max_words):
+        n_slot *= 2
+    t.slots = <WordSlot *>calloc(n_slot, sizeof(WordSlot))
+    t.keys = <uint8_t *>malloc(max(keys_cap, 1))
+    t.ids = <int32_t *>malloc(max(ids_cap, 1) * sizeof(int32_t))
+    if t.slots == NULL or t.keys == NULL or t.ids == NULL:
+        word_table_free(t)
+        return -1
+    t.mask = n_slot - 1
+    t.max_words = max_words
+    t.keys_cap = keys_cap
+    t.ids_cap = ids_cap
+    return 0
+
+
+cdef void word_table_clear(WordTable *t) noexcept nogil:
+    memset(t.slots, 0, (t.mask + 1) * sizeof(WordSlot))
+    t.n_words = 0
+    t.keys_used = 0
+    t.ids_used = 0
+
+
+cdef void word_table_free(WordTable *t) noexcept nogil:
+    free(t.slots)
+    free(t.keys)
+    free(t.ids)
+    memset(t, 0, sizeof(WordTable))
+
+
+cdef inline uint64_t word_hash(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    """FNV-1a over the bytes, never 0 (0 marks a free slot)."""
+    cdef uint64_t h = 0xCBF29CE484222325ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ p[i]) * 0x100000001B3ULL
+    return h | 1
+
+
+cdef inline const WordSlot *word_table_find(const WordTable *t, const uint8_t *p,
+                                            Py_ssize_t n, uint64_t h) noexcept nogil:
+    cdef size_t k = <size_t>(h >> 7) & t.mask
+    cdef const WordSlot *slot
+    while True:
+        slot = &t.slots[k]
+        if slot.hash == 0:
+            return NULL
+        if (slot.hash == h and slot.key_len == n
+                and memcmp(t.keys + slot.key_off, p, n) == 0):
+            return slot
+        k = (k + 1) & t.mask
+
+
+cdef bint word_table_add(WordTable *t, const uint8_t *p, Py_ssize_t n, uint64_t h,
+                         const int32_t *ids, Py_ssize_t n_ids) noexcept nogil:
+    """Store word p[0:n] -> ids[0:n_ids]; False (nothing stored) when full."""
+    cdef size_t k = <size_t>(h >> 7) & t.mask
+    if (t.n_words >= t.max_words or t.keys_used + n > t.keys_cap
+            or t.ids_used + n_ids > t.ids_cap):
+        return False
+    while t.slots[k].hash != 0:
+        k = (k + 1) & t.mask
+    memcpy(t.keys + t.keys_used, p, n)
+    memcpy(t.ids + t.ids_used, ids, n_ids * sizeof(int32_t))
+    t.slots[k] = WordSlot(h, <int32_t>t.keys_used, <int32_t>n, <int32_t>t.ids_used,
+                          <int32_t>n_ids)
+    t.keys_used += n
+    t.ids_used += n_ids
+    t.n_words += 1
+    return True
+
+
+# Words longer than this are merged every time rather than cached.
+cdef enum:
+    CACHE_MAX_WORD_BYTES = 128
+
+
 cdef class BytePairEncoder:
     """Merge loop over one vocabulary.
 
-    byte_ids   [256] int32   id of the one-byte symbol of each byte, -1 if none
-    merges     [n_merge, 3] int32   (left_id, right_id, new_id); rank = row
-    whole_ids  dict bytes -> id or None: with it, a word that is itself a
-               token skips the merges (the `ignore_merges` option of HF BPE)
-    cache_size             words kept in the word -> ids cache
+    byte_ids    [256] int32   id of the one-byte symbol of each byte, -1 if none
+    merges      [n_merge, 3] int32   (left_id, right_id, new_id); rank = row
+    whole_words dict bytes -> id, or None: with it, a word that is itself a
+                token skips the merges (the `ignore_merges` option of HF BPE)
+    cache_size  words kept in the word -> ids cache
     """
     cdef MergeSlot *table
-    cdef int shift              # 64 - log2(table size)
+    cdef int shift              # 64 - log2(merge table size)
     cdef size_t mask
     cdef int32_t byte_ids[256]
     cdef readonly Py_ssize_t n_merge
     cdef readonly Py_ssize_t cache_size
-    cdef dict cache
-    cdef object whole_ids
+    cdef WordTable cache        # guarded by cache_lock
+    cdef PyThread_type_lock cache_lock
+    cdef WordTable whole        # read-only after __init__
+    cdef bint has_whole
 
     def __cinit__(self):
         self.table = NULL
+        memset(&self.cache, 0, sizeof(WordTable))
+        memset(&self.whole, 0, sizeof(WordTable))
+        self.cache_lock = PyThread_allocate_lock()
+        if self.cache_lock == NULL:
+            raise MemoryError("word cache lock")
 
-    def __init__(self, byte_ids, merges, whole_ids=None, Py_ssize_t cache_size=1 << 16):
+    def __init__(self, byte_ids, merges, whole_words=None, Py_ssize_t cache_size=1 << 16):
         cdef int32_t[::1] byte_view = np.ascontiguousarray(byte_ids, dtype=np.int32)
-        cdef int32_t[:, ::1] merge_view = np.ascontiguousarray(merges, dtype=np.int32)
-        cdef Py_ssize_t i, n_slot
+        cdef int32_t[:, ::1] merge_view = np.ascontiguousarray(
+            np.asarray(merges, dtype=np.int32).reshape(-1, 3))
+        cdef Py_ssize_t i, n_slot, n_keys
         cdef size_t h
         cdef uint64_t key
         cdef int bits
+        cdef int32_t id
+        cdef bytes word
 
-        # check shapes before any pointer is touched
+        # check shapes and values before any pointer is touched
+        if self.table != NULL:
+            raise RuntimeError("BytePairEncoder is initialised once")
         if byte_view.shape[0] != 256:
             raise ValueError(f"byte_ids has {byte_view.shape[0]} entries, expected 256")
-        if merge_view.shape[0] > 0 and merge_view.shape[1] != 3:
-            raise ValueError(f"merges has {merge_view.shape[1]} columns, expected 3")
         if merge_view.shape[0] >= (1 << 30):
             raise ValueError(f"{merge_view.shape[0]} merges is more than this table holds")
+        if cache_size < 1 or cache_size >= (1 << 24):
+            raise ValueError(f"cache_size {cache_size} is outside [1, 2**24)")
+        for i in range(merge_view.shape[0]):
+            if merge_view[i, 0] < 0 or merge_view[i, 1] < 0 or merge_view[i, 2] < 0:
+                raise ValueError(f"merge {i} has a negative id")
         for i in range(256):
             self.byte_ids[i] = byte_view[i]
         self.n_merge = merge_view.shape[0]
         self.cache_size = cache_size
-        self.cache = {}
-        self.whole_ids = whole_ids
 
-        # table of at least twice as many slots as merges, a power of two
+        # merge table of at least twice as many slots as merges, a power of two
         bits = 4
         while (<Py_ssize_t>1 << bits) < 2 * self.n_merge:
             bits += 1
@@ -349,20 +464,42 @@ cdef class BytePairEncoder:
         for i in range(n_slot):
             self.table[i].key = EMPTY_KEY
 
-        # insert every merge; the caller has rejected duplicate pairs
+        # every merge; the caller has rejected duplicate pairs (a repeat would
+        # keep the first rank)
         for i in range(self.n_merge):
-            if merge_view[i, 0] < 0 or merge_view[i, 1] < 0 or merge_view[i, 2] < 0:
-                raise ValueError(f"merge {i} has a negative id")
             key = pair_key(merge_view[i, 0], merge_view[i, 1])
             h = slot_of(key, self.shift)
             while self.table[h].key != EMPTY_KEY and self.table[h].key != key:
                 h = (h + 1) & self.mask
+            if self.table[h].key == key:
+                continue
             self.table[h].key = key
             self.table[h].rank = <int32_t>i
             self.table[h].new_id = merge_view[i, 2]
 
+        # the word cache: words of 24 bytes and 8 ids on average fit
+        if word_table_init(&self.cache, cache_size, 24 * cache_size, 8 * cache_size) != 0:
+            raise MemoryError(f"word cache of {cache_size} words")
+
+        # whole words that are tokens (ignore_merges)
+        self.has_whole = whole_words is not None
+        if self.has_whole:
+            n_keys = sum(len(w) for w in whole_words)
+            if word_table_init(&self.whole, len(whole_words), n_keys,
+                               len(whole_words)) != 0:
+                raise MemoryError(f"whole-word table of {len(whole_words)} words")
+            for word, value in whole_words.items():
+                id = value
+                if not word_table_add(&self.whole, word, len(word),
+                                      word_hash(word, len(word)), &id, 1):
+                    raise RuntimeError("whole-word table sized too small")
+
     def __dealloc__(self):
         free(self.table)
+        word_table_free(&self.cache)
+        word_table_free(&self.whole)
+        if self.cache_lock != NULL:
+            PyThread_free_lock(self.cache_lock)
 
     cdef inline const MergeSlot *lookup(self, int32_t left, int32_t right) noexcept nogil:
         cdef uint64_t key = pair_key(left, right)
@@ -437,90 +574,125 @@ cdef class BytePairEncoder:
                               Candidate(m.rank, c.pos, c.new_id, ids[r], m.new_id))
         return n_live
 
-    cdef tuple word_ids(self, const uint8_t *text, Py_ssize_t n, Scratch *s):
-        """One word's UTF-8 bytes -> tuple of ids (through the merge loop)."""
-        cdef Py_ssize_t n_live, k
+    cdef Py_ssize_t word_to_ids(self, const uint8_t *p, Py_ssize_t n, int32_t *out,
+                                Scratch *s, bint use_cache) noexcept nogil:
+        """One word p[0:n] -> out[0:k], through the whole-word table, the cache
+        or the merge loop; returns k, or -1 when out of memory.  out must hold
+        n ids (a word never has more ids than bytes)."""
+        cdef uint64_t h = word_hash(p, n)
+        cdef const WordSlot *slot
+        cdef Py_ssize_t k, n_live
         cdef int32_t pos
-        cdef list out
 
+        # a word that is a token, or one seen before
+        if self.has_whole:
+            slot = word_table_find(&self.whole, p, n, h)
+            if slot != NULL:
+                out[0] = self.whole.ids[slot.ids_off]
+                return 1
+        if use_cache:
+            slot = word_table_find(&self.cache, p, n, h)
+            if slot != NULL:
+                memcpy(out, self.cache.ids + slot.ids_off, slot.n_ids * sizeof(int32_t))
+                return slot.n_ids
+
+        # merge, read the live symbols left to right
         if scratch_reserve(s, n) != 0:
-            raise MemoryError(f"scratch for a word of {n} bytes")
-        if n >= NOGIL_MIN_BYTES:
-            with nogil:
-                n_live = self.merge_word(text, n, s)
-        else:
-            n_live = self.merge_word(text, n, s)
-
-        # read the live symbols left to right
-        out = [None] * n_live
+            return -1
+        n_live = self.merge_word(p, n, s)
         pos = 0
         for k in range(n_live):
             out[k] = s.ids[pos]
             pos = s.next[pos]
-        return tuple(out)
 
-    def encode_word(self, bytes word):
-        """UTF-8 bytes of one pre-token -> tuple of ids (no cache)."""
-        cdef Scratch s
-        memset(&s, 0, sizeof(Scratch))
-        try:
-            return self.word_ids(<const uint8_t *>PyBytes_AS_STRING(word), len(word), &s)
-        finally:
-            scratch_free(&s)
+        # remember it; a full cache forgets everything and starts again
+        if use_cache and n <= CACHE_MAX_WORD_BYTES:
+            if not word_table_add(&self.cache, p, n, h, out, n_live):
+                word_table_clear(&self.cache)
+                word_table_add(&self.cache, p, n, h, out, n_live)
+        return n_live
+
+    cdef Py_ssize_t encode_core(self, const uint8_t *p, Py_ssize_t n, int mode,
+                                int32_t *out, Scratch *s, bint use_cache) noexcept nogil:
+        """UTF-8 text p[0:n] -> out[0:k]; returns k, or -1 when out of memory.
+        out must hold n ids."""
+        cdef Py_ssize_t i = 0, j, k = 0, got
+        cdef int32_t id
+        while i < n:
+            j = piece_end(p, i, n, mode)
+            if j == i + 1:
+                # a one-byte word is its byte's symbol, or nothing
+                id = self.byte_ids[p[i]]
+                if id >= 0:
+                    out[k] = id
+                    k += 1
+            else:
+                got = self.word_to_ids(p + i, j - i, out + k, s, use_cache)
+                if got < 0:
+                    return -1
+                k += got
+            i = j
+        return k
 
     def encode_utf8(self, bytes data, int mode):
-        """UTF-8 text -> list of ids: pre-tokens by the scanner, each through
-        the word cache or the merge loop.  mode: 0 gpt2, 1 smollm."""
+        """UTF-8 text -> list of ids: pre-tokens by the scanner (mode 0 gpt2,
+        1 smollm), each through the word cache or the merge loop, all without
+        the GIL.  A thread that finds the cache busy merges without it."""
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = len(data), i = 0, j
-        cdef list out = []
-        cdef dict cache = self.cache
-        cdef object word, ids, whole
-        cdef int32_t id
+        cdef Py_ssize_t n = len(data), k, x
+        cdef int32_t *out
         cdef Scratch s
+        cdef bint locked
         if char_class == NULL:
             raise RuntimeError("set_char_classes() has not been called")
         if mode != PRE_GPT2 and mode != PRE_SMOLLM:
             raise ValueError(f"pre-tokenizer mode {mode}")
+        out = <int32_t *>malloc((n + 1) * sizeof(int32_t))
+        if out == NULL:
+            raise MemoryError(f"ids for {n} bytes of text")
         memset(&s, 0, sizeof(Scratch))
-        try:
-            while i < n:
-                j = piece_end(p, i, n, mode)
-
-                # a one-byte word is its byte's symbol, or nothing
-                if j == i + 1:
-                    id = self.byte_ids[p[i]]
-                    if id >= 0:
-                        out.append(id)
-                    i = j
-                    continue
-
-                word = PyBytes_FromStringAndSize(<const char *>p + i, j - i)
-                ids = cache.get(word)
-                if ids is None:
-                    if self.whole_ids is not None:
-                        whole = self.whole_ids.get(word)
-                        if whole is not None:
-                            ids = (whole,)
-                    if ids is None:
-                        ids = self.word_ids(p + i, j - i, &s)
-
-                    # bounded: forget everything when full, keep the newest
-                    if len(cache) >= self.cache_size:
-                        cache.clear()
-                    cache[word] = ids
-                out.extend(<tuple>ids)
-                i = j
-        finally:
+        with nogil:
+            locked = PyThread_acquire_lock(self.cache_lock, NOWAIT_LOCK)
+            k = self.encode_core(p, n, mode, out, &s, locked)
+            if locked:
+                PyThread_release_lock(self.cache_lock)
             scratch_free(&s)
-        return out
+        try:
+            if k < 0:
+                raise MemoryError(f"scratch space while encoding {n} bytes")
+            return [out[x] for x in range(k)]
+        finally:
+            free(out)
+
+    def encode_word(self, bytes word):
+        """UTF-8 bytes of one pre-token -> list of ids, without the cache."""
+        cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(word)
+        cdef Py_ssize_t n = len(word), k, x
+        cdef int32_t *out = <int32_t *>malloc((n + 1) * sizeof(int32_t))
+        cdef Scratch s
+        if out == NULL:
+            raise MemoryError(f"ids for a word of {n} bytes")
+        memset(&s, 0, sizeof(Scratch))
+        with nogil:
+            k = self.word_to_ids(p, n, out, &s, False)
+            scratch_free(&s)
+        try:
+            if k < 0:
+                raise MemoryError(f"scratch space for a word of {n} bytes")
+            return [out[x] for x in range(k)]
+        finally:
+            free(out)
 
     def clear_cache(self):
-        self.cache.clear()
+        with nogil:
+            PyThread_acquire_lock(self.cache_lock, WAIT_LOCK)
+            word_table_clear(&self.cache)
+            PyThread_release_lock(self.cache_lock)
 
     @property
     def n_cached(self):
-        return len(self.cache)
+        """Words in the word cache now."""
+        return self.cache.n_words
 
 
 def join_token_bytes(list table, ids):

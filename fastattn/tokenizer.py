@@ -223,12 +223,13 @@ class Tokenizer:
             seen[row[:2]] = rank
             merge_ids[rank] = row
 
-        whole_ids = None
+        whole_words = None
         if ignore_merges:
-            whole_ids = {table[i]: i for i in range(n_vocab) if i not in self._special_ids}
+            whole_words = {table[i]: i for i in range(n_vocab)
+                           if i not in self._special_ids}
         self._byte_ids = byte_ids
         self._merge_ids = merge_ids
-        self._bpe = _bpe.BytePairEncoder(byte_ids, merge_ids, whole_ids,
+        self._bpe = _bpe.BytePairEncoder(byte_ids, merge_ids, whole_words,
                                          cache_size=WORD_CACHE_SIZE)
         self.n_merge = len(merges)
 

@@ -416,6 +416,7 @@ def test_smollm2_from_hf_folder(smol_hf, smol_tok, tmp_path):
     assert tok.pre == "smollm"
     assert tok.n_vocab == smol_tok.n_vocab
     assert tok.special_tokens == smol_tok.special_tokens
+    assert (tok.bos_id, tok.eos_id, tok.eos_ids) == (1, 2, {0, 2})
     for s in STRINGS[::4]:
         assert tok.encode(s, allowed_special="all") == smol_tok.encode(
             s, allowed_special="all"), s
@@ -509,22 +510,29 @@ def test_gpt2_from_hf_folder(gpt2_tok, gpt2_hf, gpt2_paths, tmp_path):
 
 
 def test_gpt2_threads_agree(gpt2_tok):
-    """Two threads encoding at once (word cache shared) get the same ids."""
-    texts = STRINGS[:600]
+    """Four threads encoding at once get the same ids: the encode runs without
+    the GIL, a thread that finds the word cache busy merges without it."""
+    texts = STRINGS[:600] + [english_corpus(20_000, seed=k) for k in range(4)]
     expected = [gpt2_tok.encode(s) for s in texts]
-    gpt2_tok._bpe.clear_cache()
-    results = [None, None]
+    results = [None] * 4
 
     def work(k):
-        results[k] = [gpt2_tok.encode(s) for s in (texts if k == 0 else texts[::-1])]
+        rng = random.Random(k)
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        got = {}
+        for _ in range(3):
+            gpt2_tok._bpe.clear_cache()
+            for i in order:
+                got[i] = gpt2_tok.encode(texts[i])
+        results[k] = [got[i] for i in range(len(texts))]
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results[0] == expected
-    assert results[1] == expected[::-1]
+    assert all(r == expected for r in results)
 
 
 # ----------------------------------------------------------------------------
@@ -580,11 +588,31 @@ def synthetic_strings(seed, count):
 
 
 def test_synthetic_merges_match_tokenizers(synthetic):
-    """Heap order (rank, then leftmost), stale pairs, long words (no GIL)."""
+    """Heap order (rank, then leftmost), stale pairs, long words."""
     tok, reference = synthetic
     for s in synthetic_strings(seed=8, count=1500):
         assert tok.encode(s, "all") == reference.encode(s).ids, s
         assert tok.decode(tok.encode(s)) == s
+        uncached = [i for p in tok.pre_tokenize(s) for i in tok._bpe.encode_word(p.encode())]
+        assert uncached == tok.encode(s), s
+
+
+def test_synthetic_ignore_merges_matches_tokenizers():
+    """ignore_merges: a word that is itself a token skips the merges."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tokens, merges = random_vocab(seed=11, n_merge=300)
+    tokens += [t for t in ("aaaa", "abcab", "ddd", "Ġdd") if t not in tokens]
+    tok = Tokenizer(tokens, merges, ignore_merges=True)
+    reference = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=True))
+    reference.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+        add_prefix_space=False, use_regex=True)
+    strings = synthetic_strings(seed=12, count=800) + ["aaaa", "abcab ddd", "aaaa aaaa"]
+    for s in strings:
+        assert tok.encode(s) == reference.encode(s).ids, s
+    assert tok.encode("aaaa") == [tokens.index("aaaa")]
+    merging = Tokenizer(tokens, merges)
+    assert sum(merging.encode(s) != tok.encode(s) for s in strings) > 10
 
 
 def test_bytes_to_unicode():
