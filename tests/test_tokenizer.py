@@ -137,6 +137,29 @@ def generate_strings(count, seed):
 
 
 STRINGS = HAND_WRITTEN + generate_strings(1200, seed=20250611)
+
+
+def random_code_point_strings(count, seed):
+    """Short strings of unusual whitespace, digits of many scripts, ASCII
+    around contractions, punctuation, and random code points of every plane
+    (where Unicode tables of different versions would disagree)."""
+    rng = random.Random(seed)
+    pools = [" \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2028\u2029\u202f\u205f\u3000"
+             "\x1c\x1d\x1e\x1f\u200b\ufeff\u180e",
+             "abcXYZ'sSltdmrve", "0123456789٠١٢३४५௧൧①²¼Ⅻ〇",
+             ".,;!?-_()[]{}<>|/\\\"'`~@#$%^&*+="]
+
+    def code_point():
+        while True:
+            c = rng.randrange(0x110000) if rng.random() < 0.5 else rng.randrange(0x3400)
+            if not 0xD800 <= c < 0xE000:
+                return chr(c)
+
+    return ["".join(rng.choice(rng.choice(pools)) if rng.random() < 0.75 else code_point()
+                    for _ in range(rng.randrange(1, 12))) for _ in range(count)]
+
+
+RANDOM_STRINGS = random_code_point_strings(4000, seed=5)
 SPECIAL_NAMES = ("<|im_start|>", "<|endoftext|>")
 
 
@@ -354,6 +377,12 @@ def test_smollm2_ids_match_hf_specials_as_text(smol_tok, smol_hf):
 
 
 @pytest.mark.model
+def test_smollm2_random_code_points_match_hf(smol_tok, smol_hf):
+    assert_same_ids(smol_tok, smol_hf, RANDOM_STRINGS, "all", split_special=False)
+    assert_scanner_matches_regex(smol_tok, RANDOM_STRINGS)
+
+
+@pytest.mark.model
 def test_smollm2_some_specials_allowed(smol_tok, smol_hf):
     """Allowing only <|im_start|>: it becomes one id, <|im_end|> stays text."""
     text = "<|im_start|>user\nhi<|im_end|>\n"
@@ -472,6 +501,12 @@ def test_gpt2_ids_match_hf_specials_allowed(gpt2_tok, gpt2_hf):
 
 def test_gpt2_ids_match_hf_specials_as_text(gpt2_tok, gpt2_hf):
     assert_same_ids(gpt2_tok, gpt2_hf, STRINGS, frozenset(), split_special=True)
+
+
+def test_gpt2_random_code_points_match_hf(gpt2_tok, gpt2_hf):
+    assert_same_ids(gpt2_tok, gpt2_hf, RANDOM_STRINGS, "all", split_special=False)
+    assert_scanner_matches_regex(gpt2_tok, RANDOM_STRINGS)
+    assert_round_trip(gpt2_tok, RANDOM_STRINGS)
 
 
 def test_gpt2_round_trip(gpt2_tok):
