@@ -67,7 +67,7 @@ def test_gemv(benchmark, level, qtype, n_out, n_in):
            f"gemv {W.type_name(qtype)} {n_out}x{n_in} {level} x{N_THREADS}")
 
 
-@pytest.mark.parametrize("qtype", [W.F32, W.Q8_0, W.Q4_1], ids=W.type_name)
+@pytest.mark.parametrize("qtype", TYPES, ids=W.type_name)
 def test_gemm_prefill(benchmark, qtype):
     """512 rows through a 1536x576 weight: the cache-aware path."""
     w = random_weight(qtype, 1536, 576)

@@ -28,21 +28,21 @@ static inline void generic_decode(int type, const uint8_t *row, int64_t i, int n
         memcpy(w, row + 4 * i, 4 * (size_t)n);
         break;
     case FA_F16:
-        for (int j = 0; j < n; j++) w[j] = fa_f16_to_f32(fa_read_u16(row + 2 * (i + j)));
+        for (int j = 0; j < n; j++) w[j] = fa_f16_table[fa_read_u16(row + 2 * (i + j))];
         break;
     case FA_BF16:
         for (int j = 0; j < n; j++) w[j] = fa_bf16_to_f32(fa_read_u16(row + 2 * (i + j)));
         break;
     case FA_Q8_0: {
         const uint8_t *b = row + (i / FA_QK) * FA_Q8_0_BYTES;
-        float d = fa_f16_to_f32(fa_read_u16(b));
+        float d = fa_f16_table[fa_read_u16(b)];
         const int8_t *q = (const int8_t *)(b + 2);
         for (int j = 0; j < FA_QK; j++) w[j] = d * (float)q[j];
         break;
     }
     case FA_Q4_0: {
         const uint8_t *b = row + (i / FA_QK) * FA_Q4_0_BYTES;
-        float d = fa_f16_to_f32(fa_read_u16(b));
+        float d = fa_f16_table[fa_read_u16(b)];
         const uint8_t *qs = b + 2;
         for (int j = 0; j < 16; j++) {
             w[j] = d * (float)((qs[j] & 0x0f) - 8);
@@ -52,8 +52,8 @@ static inline void generic_decode(int type, const uint8_t *row, int64_t i, int n
     }
     case FA_Q4_1: {
         const uint8_t *b = row + (i / FA_QK) * FA_Q4_1_BYTES;
-        float d = fa_f16_to_f32(fa_read_u16(b));
-        float m = fa_f16_to_f32(fa_read_u16(b + 2));
+        float d = fa_f16_table[fa_read_u16(b)];
+        float m = fa_f16_table[fa_read_u16(b + 2)];
         const uint8_t *qs = b + 4;
         for (int j = 0; j < 16; j++) {
             w[j] = d * (float)(qs[j] & 0x0f) + m;

@@ -231,22 +231,12 @@ void fa_parallel_attention(const float *q, const float *k, const float *v, float
                            int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
                            int head_dim, int64_t n_ctx, int n_threads) {
     if (n_threads < 1) n_threads = 1;
-    if (n_seq <= 0 || pos0 < 0 || pos0 + n_seq > n_ctx) return;
-    /* Known shortcoming: the void signature cannot report a failed
-     * allocation; out is then filled with NaN so the failure is not silent. */
-    float *scratch = malloc(sizeof(float) * (size_t)n_threads * (size_t)(pos0 + n_seq));
-    if (!scratch) {
-        if (out && n_head > 0 && head_dim > 0)
-            for (int64_t i = 0; i < n_seq * n_head * head_dim; i++) out[i] = NAN;
-        return;
-    }
+    float unused;  /* fa_attention keeps its scores on its own stack (see above) */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads)
-    fa_attention(q, k, v, out, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx, scratch,
+    fa_attention(q, k, v, out, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx, &unused,
                  omp_get_thread_num(), omp_get_num_threads());
 #else
-    fa_attention(q, k, v, out, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx, scratch,
-                 0, 1);
+    fa_attention(q, k, v, out, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx, &unused, 0, 1);
 #endif
-    free(scratch);
 }

@@ -156,6 +156,13 @@ def test_f16_special_values(level):
         assert K.matmul(w, x)[0, 0] == np.float32(vals[finite][j])
 
 
+def test_f16_every_half():
+    """All 65536 half bit patterns decode as numpy decodes them (NaNs as NaNs)."""
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    w = W.WeightTensor(bits.view(np.uint8).copy(), W.F16, (1, 65536))
+    np.testing.assert_array_equal(K.dequant_row(w, 0), bits.view(np.float16).astype(np.float32))
+
+
 def test_matmul_bad_input():
     rng = np.random.default_rng(0)
     w = make_weight(rng, W.Q8_0, 4, 64)
