@@ -52,6 +52,15 @@ wrong rewrite (a mask off by one, a missing scale) moves h by O(1) relative,
 more than 10^4 times this line on every model we tried.  The logits get the
 same rule on their max abs difference.
 
+Known shortcomings of the rule: K is an engineering margin, not a proof.  A
+correct rewrite that rounds much worse than the reference (sums in float16,
+say) lands in "approx" although it is the same mathematics; a wrong rewrite
+whose effect stays below float32 rounding on the given text (a change that
+only touches positions the mask hides) is "exact" on that text, which is true
+of that text and no more.  The shadow run uses the same dequantized weights
+and the same float32 RoPE tables as the reference: it measures the rounding
+of the computation, not the quantization of the weights.
+
 Verdicts
 --------
     exact      every layer within tol[l] and the logits within their tolerance
@@ -85,11 +94,21 @@ Built in (lab.BUILTINS; `fastattn verify --list-variants`):
                         wrong_scale_missing, wrong_kv_heads_swapped,
                         wrong_softmax_axis
 
+Timings (ms/token) are the wall time of the whole run over the number of
+tokens: numpy for every variant but the engine, so they compare rewrites
+with each other, not with a fast implementation.  On a busy machine numpy's
+BLAS threads make the one-row products of kv_cache_decode much slower than
+they are on an idle one.
+
 Your own: a callable with the per-head signature of fastattn.lab_variants
 (`attention(q, k, v, mask) -> out`, q [n_q, head_dim], k, v [n_k, head_dim],
 mask [n_q, n_k] additive, out [n_q, head_dim]; it scales the scores itself),
 or its dotted path "package.module:function" (or "path/to/file.py:function").
 A callable that takes a keyword argument `layer` is told the layer index.
+Its output is cast to q's dtype, so the rest of the model stays float32.
+Known shortcoming: the command line takes per-head rewrites only; a rewrite
+of a whole layer (all heads at once, as heads_parallel) is passed from Python
+as Variant(name, "layer", fn) with the per-layer shapes of lab_variants.
 """
 import argparse
 import dataclasses
@@ -98,7 +117,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import logging
 import math
 import os
 import sys
@@ -108,9 +126,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import lab_variants, reference
-from .errors import FastAttnError
-
-logger = logging.getLogger("fastattn")
+from .errors import ContextOverflowError, FastAttnError, TokenizerError
 
 EPS32 = float(np.finfo(np.float32).eps)      # 2^-23
 DEFAULT_TOL = 8.0                            # K in tol[l] = K * max(err[0..l], eps32)
@@ -125,7 +141,12 @@ DEFAULT_TEXT = (
 )
 
 
-class VariantError(FastAttnError, ValueError):
+class LabError(FastAttnError, ValueError):
+    """The lab cannot judge: a bad tolerance, a reference that is itself not
+    finite on the input, a plot without matplotlib."""
+
+
+class VariantError(LabError):
     """A variant name, path or parameter the lab cannot use."""
 
 
@@ -145,6 +166,11 @@ def rope_at(x, positions, theta, neox):
     x [n_seq, n_head, head_dim], positions [n_seq] -> same shape as x.
     The angles are computed exactly as reference.rope computes them, so
     rope_at(x, arange(n_seq)) == reference.rope(x) bit for bit.
+
+    Known shortcoming: this repeats reference.rope's arithmetic because
+    reference.rope has no positions argument; if reference.rope changes, this
+    copy must follow (tests/test_lab.py compares the two bit for bit, so it
+    cannot drift silently).
     """
     head_dim = x.shape[-1]
     half = head_dim // 2
@@ -376,18 +402,20 @@ def per_layer(config, fn):
         out = fn(q3, k3, v3, reference.causal_mask(n_seq))  # [n_seq, n_head, head_dim]
         if out.shape != q3.shape:
             raise VariantError(f"returned shape {out.shape}, expected {q3.shape}")
-        return out.reshape(n_seq, -1)
+        return out.astype(q.dtype, copy=False).reshape(n_seq, -1)
 
     return attend
 
 
 def _shape_checked(fn):
+    """fn, with its output checked for shape and cast to q's dtype (a head
+    that returns float64 must not turn the rest of the model into float64)."""
     def checked(q, k, v, mask):
         out = np.asarray(fn(q, k, v, mask))
         if out.shape != q.shape:
             raise VariantError(f"returned shape {out.shape} for q of shape {q.shape}; "
                                f"a per-head attention must return [n_q, head_dim]")
-        return out
+        return out.astype(q.dtype, copy=False)
     return checked
 
 
@@ -597,9 +625,9 @@ def load_callable(path):
     else:
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
+        except Exception as exc:      # ImportError, or whatever the module raised
             raise VariantError(f"variant {path!r}: cannot import module "
-                               f"{module_name!r} ({exc})") from exc
+                               f"{module_name!r} ({type(exc).__name__}: {exc})") from exc
 
     obj = module
     for part in attr.split("."):
@@ -614,7 +642,7 @@ def load_callable(path):
 
 
 def list_variants() -> list:
-    """(name, description, broken) of every built-in, defaults first."""
+    """(name, description, broken) of every built-in."""
     return [(name, make().description, make().broken)
             for name, (make, _) in BUILTINS.items()]
 
@@ -709,8 +737,8 @@ class Tolerance:
 
     def describe(self) -> list:
         """The rule in words, as lines."""
-        return [f"exact  if per layer max rel |dh| <= {self.k:g} x the float32 reference's "
-                f"own error there",
+        return [f"exact  if per layer max rel |dh| <= {self.k:g} x the float32 "
+                f"reference's own error there",
                 f"       (measured against float64; at least {self.k:g} x eps32 = "
                 f"{self.k * EPS32:.1e}), and max |dlogit| <= {self.logits:.2e}",
                 f"approx if the greedy token agrees everywhere and max KL <= "
@@ -752,6 +780,9 @@ def compare(variant, trace, base, tol, n_tokens) -> VariantResult:
         result.verdict = "failed"
         at = "the logits" if where == "logits" else f"layer {layer} ({where})"
         result.reason = f"inf/nan first in {at}"
+        if result.first_departing_layer is not None:
+            result.reason += (f", after departing from the reference at layer "
+                              f"{result.first_departing_layer}")
         return result
 
     # the logits
@@ -817,17 +848,17 @@ class Lab:
     # ---------------------------------------------------------------- running
 
     def check_ids(self, ids):
+        """ids as int64 [n_seq], after the checks that name the culprit."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
-            raise VariantError("the lab needs at least one token; the text gave none")
+            raise TokenizerError("the lab needs at least one token; the text gave none")
         if ids.size > self.config.n_ctx:
-            from .errors import ContextOverflowError
             raise ContextOverflowError(f"{ids.size} tokens is more than the context "
                                        f"(n_ctx) of {self.config.n_ctx}")
         bad = ids[(ids < 0) | (ids >= self.config.n_vocab)]
         if bad.size:
-            raise VariantError(f"token id {int(bad[0])} is outside the vocabulary "
-                               f"[0, {self.config.n_vocab})")
+            raise TokenizerError(f"token id {int(bad[0])} is outside the vocabulary "
+                                 f"[0, {self.config.n_vocab})")
         return ids
 
     def baseline(self, ids):
@@ -887,7 +918,11 @@ class Lab:
 
     def _engine_trace(self, ids):
         """model.Transformer: prefill of the first half of ids (all logits),
-        then one decode per remaining token.  Hidden states are not exposed."""
+        then one decode per remaining token.
+
+        Known shortcoming: the engine does not expose its hidden states, so it
+        is judged on the logits alone and the report cannot say at which
+        layer it departs; a departure shows only as a logit difference."""
         engine = self.engine()
         n_seq = len(ids)
         n_prefill = max(1, n_seq // 2)
@@ -916,15 +951,19 @@ class Lab:
             variants = default_variants()
         variants = [resolve_variant(v) for v in variants]
         if not tol > 0:
-            raise VariantError(f"tol must be > 0, got {tol!r}")
+            raise LabError(f"tol must be > 0, got {tol!r}")
         if not kl_tol >= 0:
-            raise VariantError(f"kl_tol must be >= 0, got {kl_tol!r}")
+            raise LabError(f"kl_tol must be >= 0, got {kl_tol!r}")
 
-        base = self.baseline(ids)
         with np.errstate(all="ignore"):
+            base = self.baseline(ids)
             shadow = self.shadow(ids)
-        if base.nonfinite is None and not np.isfinite(base.logits).all():
-            logger.warning("the reference itself produced inf/nan on this input")
+        for l, h in enumerate(base.hidden + [base.logits]):
+            if not np.isfinite(h).all():
+                where = "the logits" if l == len(base.hidden) else f"layer {l}"
+                raise LabError(f"{self.source or 'the model'}: the reference itself "
+                               f"gives inf/nan in {where} on this input; there is "
+                               f"nothing to compare against")
         tolerance = Tolerance.measure(base, shadow, k=tol, kl_tol=kl_tol)
 
         results = []
@@ -996,7 +1035,8 @@ class Report:
             f"tokens     = {len(self.ids)}",
         ]
         if self.engine_threads:
-            lines.append(f"engine     = model.Transformer, n_threads = {self.engine_threads}")
+            lines.append(f"engine     = model.Transformer, "
+                         f"n_threads = {self.engine_threads}")
         lines += [
             "tolerance  = " + "\n             ".join(t.describe()),
             f"ref error  = the float32 reference vs float64: max rel "
@@ -1083,17 +1123,17 @@ class Report:
 
     def plot(self, path):
         """Max rel |dh| per layer, one line per variant, log scale, with the
-        tolerance dashed.  Needs matplotlib (raises VariantError if absent)."""
+        tolerance dashed.  Needs matplotlib (raises LabError if absent); uses
+        no pyplot state, so it does not touch the caller's figures or backend."""
         try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure
         except ImportError:
-            raise VariantError("--plot needs matplotlib, which is not installed "
-                               "(pip install matplotlib, or fastattn[plot])") from None
+            raise LabError("--plot needs matplotlib, which is not installed "
+                           "(pip install matplotlib, or fastattn[plot])") from None
         floor = 1e-12      # a log axis has no 0: bit-identical layers sit here
         layers = np.arange(self.config.n_layer)
-        fig, ax = plt.subplots(figsize=(9, 5.5))
+        fig = Figure(figsize=(9, 5.5))
+        ax = fig.subplots()
         ax.plot(layers, self.tolerance.layers, "k--", lw=1.5, label="tolerance (exact)")
         ax.plot(layers, np.maximum(self.tolerance.ref_error, floor), "k:", lw=1,
                 label="reference float32 error")
@@ -1112,7 +1152,6 @@ class Report:
         ax.grid(True, which="major", alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
 
 def _finite_or_none(obj):
@@ -1198,7 +1237,7 @@ def _read_text(text):
             with open(text, encoding="utf-8") as f:
                 return f.read(), text
         except (OSError, UnicodeDecodeError) as exc:
-            raise VariantError(f"{text}: cannot read the text: {exc}") from exc
+            raise LabError(f"{text}: cannot read the text: {exc}") from exc
     return text, "(command line)"
 
 
@@ -1216,7 +1255,7 @@ def run_verify(args) -> int:
         names = _expand_variants(args.variant) or default_variants()
         variants = [resolve_variant(v) for v in names]
         if args.max_tokens is not None and args.max_tokens < 1:
-            raise VariantError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+            raise LabError(f"--max-tokens must be >= 1, got {args.max_tokens}")
 
         path = args.model
         if path is None:
@@ -1224,7 +1263,7 @@ def run_verify(args) -> int:
             path = str(default_model_path())
         start = time.perf_counter()
         if args.threads is not None and args.threads < 1:
-            raise VariantError(f"--threads must be >= 1, got {args.threads}")
+            raise LabError(f"--threads must be >= 1, got {args.threads}")
         lab = Lab.from_file(path, engine_threads=args.threads)
         text, origin = _read_text(args.text)
 
@@ -1257,7 +1296,7 @@ def run_verify(args) -> int:
         try:
             report.plot(args.plot)
             print(f"wrote {args.plot}")
-        except VariantError as exc:
+        except LabError as exc:
             print(f"fastattn verify: error: {exc}", file=sys.stderr)
             status = 2
     return status
