@@ -184,25 +184,31 @@ def set_char_classes(table):
     char_class = &view[0]
 
 
+cdef inline bint is_continuation(uint8_t b) noexcept nogil:
+    return (b & 0xC0) == 0x80
+
+
 cdef inline uint32_t code_point_at(const uint8_t *p, Py_ssize_t i, Py_ssize_t n,
                                    Py_ssize_t *size) noexcept nogil:
     """The code point whose UTF-8 form starts at p[i], and its size in bytes.
-    A malformed or truncated sequence counts as one byte, U+FFFD."""
+    A malformed or truncated sequence counts as one byte, U+FFFD (text from
+    str.encode() has none)."""
     cdef uint8_t b0 = p[i]
+    size[0] = 1
     if b0 < 0x80:
-        size[0] = 1
         return b0
-    if b0 >= 0xC2 and b0 < 0xE0 and i + 1 < n:
+    if b0 >= 0xC2 and b0 < 0xE0 and i + 1 < n and is_continuation(p[i + 1]):
         size[0] = 2
         return ((b0 & 0x1F) << 6) | (p[i + 1] & 0x3F)
-    if b0 >= 0xE0 and b0 < 0xF0 and i + 2 < n:
+    if (b0 >= 0xE0 and b0 < 0xF0 and i + 2 < n and is_continuation(p[i + 1])
+            and is_continuation(p[i + 2])):
         size[0] = 3
         return ((b0 & 0x0F) << 12) | ((p[i + 1] & 0x3F) << 6) | (p[i + 2] & 0x3F)
-    if b0 >= 0xF0 and b0 < 0xF5 and i + 3 < n:
+    if (b0 >= 0xF0 and b0 < 0xF5 and i + 3 < n and is_continuation(p[i + 1])
+            and is_continuation(p[i + 2]) and is_continuation(p[i + 3])):
         size[0] = 4
         return (((b0 & 0x07) << 18) | ((p[i + 1] & 0x3F) << 12)
                 | ((p[i + 2] & 0x3F) << 6) | (p[i + 3] & 0x3F))
-    size[0] = 1
     return 0xFFFD
 
 
@@ -269,7 +275,7 @@ cdef Py_ssize_t piece_end(const uint8_t *p, Py_ssize_t i, Py_ssize_t n,
     if mode == PRE_SMOLLM and class_at(p, end, n, &size2) == CLASS_NUMBER:
         return end
     last = end - 1
-    while (p[last] & 0xC0) == 0x80:                          # back to a lead byte
+    while last > i and is_continuation(p[last]):             # back to a lead byte
         last -= 1
     return last if last > i else end
 
@@ -485,6 +491,8 @@ cdef class BytePairEncoder:
         self.has_whole = whole_words is not None
         if self.has_whole:
             n_keys = sum(len(w) for w in whole_words)
+            if n_keys >= (1 << 31) or len(whole_words) >= (1 << 30):
+                raise ValueError(f"whole-word table of {n_keys} bytes is too large")
             if word_table_init(&self.whole, len(whole_words), n_keys,
                                len(whole_words)) != 0:
                 raise MemoryError(f"whole-word table of {len(whole_words)} words")
@@ -596,8 +604,8 @@ cdef class BytePairEncoder:
                 memcpy(out, self.cache.ids + slot.ids_off, slot.n_ids * sizeof(int32_t))
                 return slot.n_ids
 
-        # merge, read the live symbols left to right
-        if scratch_reserve(s, n) != 0:
+        # merge, read the live symbols left to right (positions are int32)
+        if n >= (1 << 30) or scratch_reserve(s, n) != 0:
             return -1
         n_live = self.merge_word(p, n, s)
         pos = 0

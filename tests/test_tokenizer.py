@@ -650,6 +650,20 @@ def test_synthetic_ignore_merges_matches_tokenizers():
     assert sum(merging.encode(s) != tok.encode(s) for s in strings) > 10
 
 
+def test_scanner_on_malformed_utf8(synthetic):
+    """Arbitrary bytes (never produced by encode(), which takes str) are cut
+    into pieces that cover them exactly and round-trip through the merges."""
+    tok, _ = synthetic
+    rng = random.Random(13)
+    for _ in range(3000):
+        data = bytes(rng.choice([rng.randrange(256), 0x80, 0xE2, 0x20, 0x27, 0x31, 0x61])
+                     for _ in range(rng.randrange(1, 40)))
+        for mode in (0, 1):
+            pieces = _bpe.split_utf8(data, mode)
+            assert b"".join(pieces) == data and all(pieces)
+            assert tok.decode_bytes(tok._bpe.encode_utf8(data, mode)) == data
+
+
 def test_bytes_to_unicode():
     table = bytes_to_unicode()
     assert len(table) == 256 and len(set(table.values())) == 256
