@@ -868,9 +868,19 @@ class Lab:
         return Trace(hidden, logits, seconds=time.perf_counter() - start)
 
     def shadow(self, ids):
-        """The reference computation in float64 from the same weights."""
-        attend = per_head(self.config, reference.attention_softmax, check_shape=False)
-        return forward_layers(self.config, _AsFloat64(self.w), ids, attend)
+        """The reference computation in float64 from the same weights, and
+        the largest attention score q.k / sqrt(head_dim) of each layer
+        (what decides whether a softmax without max subtraction overflows)."""
+        peaks = [-np.inf] * self.config.n_layer
+
+        def attention(q, k, v, mask, layer):
+            s = q @ k.T / np.sqrt(np.float32(q.shape[-1])) + mask   # [n_q, n_k]
+            peaks[layer] = max(peaks[layer], float(s.max()))
+            return reference.attention_softmax(q, k, v, mask)
+
+        attend = per_head(self.config, attention, check_shape=False)
+        trace = forward_layers(self.config, _AsFloat64(self.w), ids, attend)
+        return trace, peaks
 
     def trace(self, variant: Variant, ids) -> Trace:
         """Run the model with one variant; inf/nan and exceptions from the
@@ -957,7 +967,7 @@ class Lab:
 
         with np.errstate(all="ignore"):
             base = self.baseline(ids)
-            shadow = self.shadow(ids)
+            shadow, peaks = self.shadow(ids)
         for l, h in enumerate(base.hidden + [base.logits]):
             if not np.isfinite(h).all():
                 where = "the logits" if l == len(base.hidden) else f"layer {l}"
@@ -975,7 +985,7 @@ class Lab:
                 progress(result)
         engine_threads = self._engine.n_threads if self._engine is not None else None
         return Report(self.config, self.source, [int(t) for t in ids], tolerance,
-                      base.seconds / len(ids), results, engine_threads)
+                      base.seconds / len(ids), results, engine_threads, peaks)
 
 
 def default_variants() -> list:
@@ -1011,6 +1021,7 @@ class Report:
     reference_seconds_per_token: float
     results: list
     engine_threads: Optional[int] = None
+    score_peaks: Optional[list] = None       # largest q.k/sqrt(head_dim) per layer
 
     def __getitem__(self, name) -> VariantResult:
         for r in self.results:
@@ -1042,6 +1053,12 @@ class Report:
             f"ref error  = the float32 reference vs float64: max rel "
             f"{t.ref_error[worst]:.2e} (layer {worst}), logits {t.ref_logit_error:.2e}",
         ]
+        if self.score_peaks:
+            top = int(np.argmax(self.score_peaks))
+            overflow = np.log(np.finfo(np.float32).max)            # 88.72
+            lines.append(f"scores     = largest q.k/sqrt(head_dim) "
+                         f"{self.score_peaks[top]:.1f} (layer {top}); float32 exp "
+                         f"overflows above {overflow:.1f}")
         return "\n".join(lines)
 
     def table(self, per_layer=False) -> str:
@@ -1112,6 +1129,7 @@ class Report:
                           "logits": t.logits, "rule": " ".join(t.describe())},
             "reference_seconds_per_token": self.reference_seconds_per_token,
             "engine_threads": self.engine_threads,
+            "score_peak_per_layer": self.score_peaks,
             "variants": [dict(dataclasses.asdict(r), greedy_fraction=r.greedy_fraction)
                          for r in self.results],
         })
@@ -1132,7 +1150,7 @@ class Report:
                            "(pip install matplotlib, or fastattn[plot])") from None
         floor = 1e-12      # a log axis has no 0: bit-identical layers sit here
         layers = np.arange(self.config.n_layer)
-        fig = Figure(figsize=(9, 5.5))
+        fig = Figure(figsize=(11, 5.5))
         ax = fig.subplots()
         ax.plot(layers, self.tolerance.layers, "k--", lw=1.5, label="tolerance (exact)")
         ax.plot(layers, np.maximum(self.tolerance.ref_error, floor), "k:", lw=1,
@@ -1148,7 +1166,7 @@ class Report:
         ax.set_ylabel("max rel |h_variant - h_reference|  (0 drawn at 1e-12)")
         ax.set_title(f"{os.path.basename(self.source) or 'model'}: "
                      f"{len(self.ids)} tokens")
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(True, which="major", alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, dpi=120)

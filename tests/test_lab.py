@@ -63,7 +63,7 @@ def test_rope_at_matches_reference_rope_bit_for_bit(neox):
 def test_float64_shadow_is_close_to_the_float32_reference_and_not_equal():
     L = random_lab("llama-gqa")
     ids = random_ids(L.config, 20, seed=2)
-    base, shadow = L.baseline(ids), L.shadow(ids)
+    base, (shadow, peaks) = L.baseline(ids), L.shadow(ids)
     assert shadow.logits.dtype == np.float64
     tol = lab.Tolerance.measure(base, shadow)
     # float32 rounding, no more: the shadow computes the same model
@@ -72,6 +72,17 @@ def test_float64_shadow_is_close_to_the_float32_reference_and_not_equal():
     # the tolerance never shrinks with depth and is K times the running max
     assert tol.layers == sorted(tol.layers)
     assert tol.layers[-1] == pytest.approx(lab.DEFAULT_TOL * max(tol.ref_error))
+
+    # the score peaks are the largest q.k/sqrt(head_dim) of each layer
+    seen = [-np.inf] * L.config.n_layer
+
+    def spy(q, k, v, mask, layer):
+        s = q @ k.T / np.sqrt(np.float32(q.shape[-1])) + mask
+        seen[layer] = max(seen[layer], float(s.max()))
+        return reference.attention_softmax(q, k, v, mask)
+
+    lab.forward_layers(L.config, L.w, ids, lab.per_head(L.config, spy))
+    np.testing.assert_allclose(peaks, seen, rtol=1e-5)
 
 
 # --------------------------------------------------------------- verdicts
@@ -188,6 +199,8 @@ def test_no_max_subtraction_fails_on_large_logits_without_crashing():
     assert "inf/nan first in layer 0 (attention output)" in r.reason
     assert r.logit_max_abs is None and r.greedy_agree is None
     assert "failed" in report.table() and "nan@0" in report.table()
+    assert max(report.score_peaks) > 88.8 > max(L.run(ids, []).score_peaks)
+    assert "float32 exp overflows above 88.7" in report.header()
     assert not report.ok
     # the stable rewrites survive the same scores
     assert report["online_softmax:block=4"].verdict == "exact"
