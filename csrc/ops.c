@@ -89,6 +89,32 @@ void fa_add_bias(float *x, const float *b, int64_t n_seq, int64_t n, int ith, in
 
 /* ----------------------------------------------------------------- rope */
 
+/* Rotation frequencies theta^(-2i / head_dim), i = i0 .. i0 + n_i - 1.  Each
+ * thread keeps those of the last (theta, head_dim) it saw, since a model
+ * calls rope with one pair of values, often one row at a time; wider heads
+ * than the cache holds get them computed into buf. */
+#define ROPE_CHUNK 64
+#define ROPE_CACHE 256
+static _Thread_local struct {
+    float theta;
+    int head_dim;
+    double freq[ROPE_CACHE];
+} rope_cache;
+
+static const double *rope_freqs(float theta, int head_dim, int i0, int n_i, double *buf) {
+    if (head_dim / 2 > ROPE_CACHE) {
+        for (int j = 0; j < n_i; j++) buf[j] = pow((double)theta, -2.0 * (i0 + j) / head_dim);
+        return buf;
+    }
+    if (rope_cache.head_dim != head_dim || rope_cache.theta != theta) {
+        for (int i = 0; i < head_dim / 2; i++)
+            rope_cache.freq[i] = pow((double)theta, -2.0 * i / head_dim);
+        rope_cache.theta = theta;
+        rope_cache.head_dim = head_dim;
+    }
+    return rope_cache.freq + i0;
+}
+
 void fa_rope(float *x, int64_t n_seq, int n_head, int head_dim, int64_t pos0,
              float theta, int neox, int ith, int nth) {
     if (!x || n_seq <= 0 || n_head <= 0 || head_dim <= 0 || head_dim % 2 || pos0 < 0
@@ -99,13 +125,11 @@ void fa_rope(float *x, int64_t n_seq, int n_head, int head_dim, int64_t pos0,
     int64_t s0, s1;
     fa_share(n_seq, ith, nth, &s0, &s1);
 
-    /* pairs in chunks, so each frequency theta^(-2i / head_dim) is computed
-     * once per call rather than once per row */
-    enum { CHUNK = 64 };
-    double freq[CHUNK];
-    for (int i0 = 0; i0 < half; i0 += CHUNK) {
-        int n_i = half - i0 < CHUNK ? half - i0 : CHUNK;
-        for (int j = 0; j < n_i; j++) freq[j] = pow((double)theta, -2.0 * (i0 + j) / head_dim);
+    /* pairs in chunks of frequencies theta^(-2i / head_dim) */
+    double buf[ROPE_CHUNK];
+    for (int i0 = 0; i0 < half; i0 += ROPE_CHUNK) {
+        int n_i = half - i0 < ROPE_CHUNK ? half - i0 : ROPE_CHUNK;
+        const double *freq = rope_freqs(theta, head_dim, i0, n_i, buf);
 
         for (int64_t s = s0; s < s1; s++) {
             float *xs = x + s * row;

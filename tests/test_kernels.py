@@ -291,7 +291,8 @@ def rope_ref(x, n_head, head_dim, pos0, theta, neox):
 
 @pytest.mark.parametrize("neox", [False, True])
 @pytest.mark.parametrize("n_seq,n_head,head_dim,pos0", [
-    (1, 1, 2, 0), (1, 9, 64, 517), (6, 3, 10, 0), (4, 2, 64, 8000)])
+    (1, 1, 2, 0), (1, 9, 64, 517), (6, 3, 10, 0), (4, 2, 64, 8000),
+    (2, 1, 640, 33)])                  # wider than the per-thread frequency cache
 def test_rope(level, neox, n_seq, n_head, head_dim, pos0):
     rng = np.random.default_rng(head_dim + pos0)
     x = rand(rng, n_seq, n_head * head_dim)
@@ -300,6 +301,16 @@ def test_rope(level, neox, n_seq, n_head, head_dim, pos0):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(
         y, K.rope(x, n_head, head_dim, pos0, 100000.0, neox, n_threads=1))
+
+
+def test_rope_theta_and_width_changes():
+    """Calls alternating theta and head_dim (the frequency cache must follow)."""
+    rng = np.random.default_rng(2)
+    x = rand(rng, 3, 64)
+    for theta, n_head, head_dim in [(1e4, 1, 64), (1e5, 1, 64), (1e5, 2, 32), (1e4, 1, 64)]:
+        y = K.rope(x, n_head, head_dim, 7, theta, False, n_threads=1)
+        np.testing.assert_allclose(y, rope_ref(x, n_head, head_dim, 7, theta, False),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_rope_layouts_differ_and_preserve_norm():
