@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""The byte-pair merge loop of the byte-level BPE tokenizer, compiled.
+"""The compiled core of the byte-level BPE tokenizer: pre-token scanner,
+merge loop and word cache.
 
 A text's UTF-8 bytes are first cut into pre-tokens ("words") by a scanner
 that implements the pre-tokenizer regex of tokenizer.py on a table of

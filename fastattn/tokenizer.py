@@ -450,10 +450,15 @@ class Tokenizer:
     @classmethod
     def from_hf_folder(cls, path):
         """From a Hugging Face folder: tokenizer.json (a byte-level BPE model),
-        or vocab.json + merges.txt; tokenizer_config.json names bos and eos."""
+        or vocab.json + merges.txt.  bos and eos come from tokenizer_config.json
+        or special_tokens_map.json, else the ids in generation_config.json or
+        config.json; a folder of vocab.json + merges.txt alone takes GPT-2's
+        "<|endoftext|>" for both, as transformers' GPT2Tokenizer does."""
         path = os.fspath(path)
         config = read_json_if_present(os.path.join(path, "tokenizer_config.json"))
+        special_map = read_json_if_present(os.path.join(path, "special_tokens_map.json"))
         tokenizer_json = os.path.join(path, "tokenizer.json")
+        gpt2_default = None
         if os.path.exists(tokenizer_json):
             spec = parse_tokenizer_json(tokenizer_json)
         elif os.path.exists(os.path.join(path, "vocab.json")):
@@ -461,28 +466,51 @@ class Tokenizer:
             spec = dict(tokens=tokens, merges=read_merges_txt(
                 os.path.join(path, "merges.txt")), pre="gpt2",
                 token_types=[TOKEN_NORMAL] * len(tokens), ignore_merges=False)
-            for text in hf_added_token_texts(config):
-                if text in tokens:
-                    spec["token_types"][tokens.index(text)] = TOKEN_CONTROL
+            gpt2_default = "<|endoftext|>"
         else:
             raise ModelFileError(f"{path}: no tokenizer.json nor vocab.json")
         tokens = spec["tokens"]
         lookup = {t: i for i, t in enumerate(tokens)}
 
-        def config_token(name):
-            value = config.get(name)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if value is None:
-                return None
-            if value not in lookup:
-                raise ModelFileError(f"{path}: tokenizer_config.json {name} {value!r} "
-                                     f"is not in the vocabulary")
-            return lookup[value]
+        # a folder without tokenizer.json declares its specials in the config
+        if gpt2_default is not None:
+            declared = hf_added_token_texts(config) + [
+                token_content(source.get(f"{name}_token"))
+                for source in (config, special_map) for name in ("bos", "eos", "unk")]
+            declared.append(gpt2_default)
+            for text in declared:
+                if text in lookup:
+                    spec["token_types"][lookup[text]] = TOKEN_CONTROL
+
+        def special_id(name):
+            for file, source in (("tokenizer_config.json", config),
+                                 ("special_tokens_map.json", special_map)):
+                text = token_content(source.get(f"{name}_token"))
+                if text is None:
+                    continue
+                if text not in lookup:
+                    raise ModelFileError(f"{path}: {file} {name}_token {text!r} is "
+                                         f"not in the vocabulary")
+                return lookup[text]
+            for file in ("generation_config.json", "config.json"):
+                value = read_json_if_present(os.path.join(path, file)).get(
+                    f"{name}_token_id")
+                if isinstance(value, list):
+                    value = value[0] if value else None
+                if isinstance(value, int) and 0 <= value < len(tokens):
+                    return value
+            return lookup.get(gpt2_default)
+
+        # generation_config.json may list several ids that end generation
+        extra_eos = []
+        for file in ("generation_config.json", "config.json"):
+            value = read_json_if_present(os.path.join(path, file)).get("eos_token_id")
+            extra_eos += [v for v in (value if isinstance(value, list) else [value])
+                          if isinstance(v, int)]
 
         return cls(tokens, spec["merges"], pre=spec["pre"],
-                   token_types=spec["token_types"], bos_id=config_token("bos_token"),
-                   eos_id=config_token("eos_token"),
+                   token_types=spec["token_types"], bos_id=special_id("bos"),
+                   eos_id=special_id("eos"), extra_eos_ids=extra_eos,
                    add_bos=bool(config.get("add_bos_token", False)),
                    ignore_merges=spec["ignore_merges"], source=path)
 
@@ -596,6 +624,14 @@ def read_merges_txt(path):
             continue
         merges.append(split_merge(line, path, f"line {number}"))
     return merges
+
+
+def token_content(value):
+    """A special token as tokenizer_config.json gives it (text, or an
+    AddedToken dict with "content") -> its text, or None."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 def hf_added_token_texts(config):

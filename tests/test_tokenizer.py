@@ -542,6 +542,15 @@ def test_gpt2_from_hf_folder(gpt2_tok, gpt2_hf, gpt2_paths, tmp_path):
             assert tok.encode(s) == gpt2_tok.encode(s), s
     assert from_json.special_tokens == {"<|endoftext|>": 50256}
     assert from_json.eos_id == 50256
+    assert from_files.special_tokens == {"<|endoftext|>": 50256}
+    assert (from_files.bos_id, from_files.eos_id) == (50256, 50256)
+
+    # generation_config.json may list more ids that end generation
+    (files / "generation_config.json").write_text('{"eos_token_id": [50256, 13]}')
+    assert Tokenizer.from_hf_folder(files).eos_ids == {50256, 13}
+    (files / "tokenizer_config.json").write_text('{"eos_token": "<|nope|>"}')
+    with pytest.raises(ModelFileError, match="eos_token '<\\|nope\\|>'"):
+        Tokenizer.from_hf_folder(files)
 
 
 def test_gpt2_threads_agree(gpt2_tok):
