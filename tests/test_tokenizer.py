@@ -714,6 +714,15 @@ def test_tiny_tokenizer():
     assert tok.decode([258, 257]) == "<|x|>abc"
 
 
+def test_longest_special_wins():
+    tokens = [BYTE_TO_CHAR[b] for b in range(256)] + ["<|x|>", "<|x|>y", "|>"]
+    tok = Tokenizer(tokens, [], token_types=[1] * 256 + [3, 4, 3])
+    assert tok.special_tokens == {"<|x|>": 256, "<|x|>y": 257, "|>": 258}
+    assert tok.encode("a<|x|>y<|x|>", "all") == [97, 257, 256]
+    assert tok.encode("a<|x|>y", {"<|x|>"}) == [97, 256, 121]
+    assert tok.encode("<|x|>|>", {"|>"}) == tok.encode("<|x") + [258, 258]
+
+
 def test_bad_ids_raise():
     tok = tiny_tokenizer()
     for ids in ([-1], [259], [2 ** 40], [1, 2, 999], ["a"], [1.0], [None], [True]):
