@@ -127,6 +127,8 @@ def print_pairs(pairs, file=None):
     file = file or sys.stderr
     width = max((len(str(k)) for k, _ in pairs), default=0)
     for key, value in pairs:
+        if isinstance(value, float):
+            value = f"{value:g}"          # 1e-05, not 9.999999747378752e-06
         print(f"{key:<{width}} = {value}", file=file)
     file.flush()
 
@@ -261,16 +263,24 @@ def cmd_chat(args):
             continue
         history.append({"role": "user", "content": line})
 
+        # Shortcoming: every turn renders and prefills the whole conversation
+        # again; the KV cache of the previous turn is not reused, so a long
+        # chat pays its full prompt time on each reply.
         # fit the conversation in the context: drop the oldest turns first
-        while True:
+        pieces = None
+        while pieces is None:
             try:
                 pieces = model.chat(system + history, stream=True, **kwargs)
-                break
-            except ContextOverflowError:
+            except ContextOverflowError as e:
                 if len(history) <= 1:
-                    raise
-                history = history[2:] if len(history) > 2 else history[1:]
+                    # this message alone does not fit: say so, and wait for another
+                    err(f"{PROG}: error: {e}")
+                    history.pop()
+                    break
+                history = history[2:]
                 logging.getLogger("fastattn").info("dropped the oldest turn to fit n_ctx")
+        if pieces is None:
+            continue
 
         # stream the reply; Ctrl-C ends it and keeps what was said
         reply = []

@@ -270,3 +270,20 @@ def test_ctrl_c_during_a_chat_reply_returns_to_the_prompt(tiny, model, monkeypat
     assert status == 0
     assert out == cut + "\n" + second + "\n"
     assert calls[1][1] == {"role": "assistant", "content": cut}
+
+
+def test_chat_drops_old_turns_to_fit_the_context(tiny):
+    # n_ctx 48: the second and third turns only fit without the earlier ones
+    r = run(["chat", "-m", tiny, "-c", "48", "-n", "8", "--temp", "0", "-t", "1", "-v"],
+            stdin="hello there\nonce upon a time\nthe end\n")
+    assert r.returncode == 0, r.stderr
+    assert "dropped the oldest turn to fit n_ctx" in r.stderr
+    assert r.stderr.count("prompt tokens") == 3          # three replies
+
+
+def test_chat_message_too_long_for_the_context(tiny):
+    r = run(["chat", "-m", tiny, "-c", "32", "-n", "4", "--temp", "0", "-t", "1"],
+            stdin="the quick brown fox jumps over the lazy dog " * 3 + "\nhi\n")
+    assert r.returncode == 0, r.stderr
+    assert "fastattn: error: the prompt is" in r.stderr
+    assert r.stdout != ""                                 # the second turn was answered
