@@ -230,7 +230,16 @@ void fa_attention(const float *q, const float *k, const float *v, float *out,
      * a fixed stack buffer per chunk (see attend_group) */
     const fa_kernels *kern = fa_kernels_current();
     const int group = n_head / n_kv_head;
-    const int n_sub = (group + ATT_GROUP - 1) / ATT_GROUP;  /* head subgroups per KV head */
+
+    /* Query heads per unit of work: up to ATT_GROUP share each pass over the
+     * keys, but fewer when that leaves too few units to balance the threads
+     * (a decode of 9 heads over 3 KV heads on 2 threads).  A head's numbers do
+     * not depend on which heads share its unit. */
+    int per_unit = group < ATT_GROUP ? group : ATT_GROUP;
+    while (per_unit > 1
+           && (int64_t)n_kv_head * ((group + per_unit - 1) / per_unit) * n_seq < 4 * nth)
+        per_unit = (per_unit + 1) / 2;
+    const int n_sub = (group + per_unit - 1) / per_unit;  /* units per KV head and query */
     const int64_t row = (int64_t)n_head * head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
 
@@ -241,8 +250,8 @@ void fa_attention(const float *q, const float *k, const float *v, float *out,
         int64_t s = u % n_seq;
         int sub = (int)(u / n_seq);
         int kv = sub / n_sub;
-        int h0 = kv * group + (sub % n_sub) * ATT_GROUP;
-        int n_h = kv * group + group - h0 < ATT_GROUP ? kv * group + group - h0 : ATT_GROUP;
+        int h0 = kv * group + (sub % n_sub) * per_unit;
+        int n_h = kv * group + group - h0 < per_unit ? kv * group + group - h0 : per_unit;
         const float *kh = k + (int64_t)kv * n_ctx * head_dim;
         const float *vh = v + (int64_t)kv * n_ctx * head_dim;
         attend_group(kern, q + s * row + (int64_t)h0 * head_dim, kh, vh,
