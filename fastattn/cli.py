@@ -174,8 +174,9 @@ def resolve_model(path):
 
 def load_model(args):
     from .generation import Model
+    # verbose=False: the banner below is the CLI's, the library need not log it too
     model = Model.load(resolve_model(args.model), n_threads=args.threads,
-                       n_ctx=args.ctx_size, verbose=args.verbose)
+                       n_ctx=args.ctx_size, verbose=False)
     if not args.quiet:
         print_pairs([("model", model.source)] + model.describe())
     return model
@@ -213,8 +214,11 @@ def cmd_generate(args):
         pieces = model.chat(messages, stream=True, **kwargs)
     else:
         pieces = model.stream(prompt, **kwargs)
-        if not args.no_display_prompt:
-            write_out(prompt)
+    if args.verbose:
+        ids = model._chat_ids(messages) if args.chat else model.encode(prompt)
+        err(f"{PROG}: prompt: {len(ids)} tokens: {ids}")
+    if not args.chat and not args.no_display_prompt:
+        write_out(prompt)
 
     try:
         for piece in pieces:
