@@ -146,7 +146,9 @@ def print_timings(stats, total_s):
     err(f"{PROG}: {'load time':<16} = {stats.get('load_s', 0.0) * 1e3:10.2f} ms")
     err(line("prompt eval time", stats.get("prompt_s", 0.0), stats.get("prompt_tokens", 0),
              "tokens"))
-    err(line("eval time", stats.get("gen_s", 0.0), stats.get("gen_tokens", 0), "tokens"))
+    if stats.get("stopped"):                  # a generation, not a score
+        err(line("eval time", stats.get("gen_s", 0.0), stats.get("gen_tokens", 0),
+                 "tokens"))
     err(f"{PROG}: {'total time':<16} = {total_s * 1e3:10.2f} ms")
     if stats.get("stopped"):
         err(f"{PROG}: {'stopped by':<16} = {stats['stopped']}")

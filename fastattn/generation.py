@@ -463,7 +463,7 @@ class Model:
         perplexity = float(math.exp(-np.nanmean(logprobs)))
         self._set_stats(_finish({"load_s": self.load_s, "prompt_tokens": len(ids),
                                  "prompt_s": elapsed, "gen_tokens": 0, "gen_s": 0.0,
-                                 "stopped": "length"}))
+                                 "stopped": None}))
         return ScoreResult(ids, logprobs, perplexity)
 
 
