@@ -396,3 +396,11 @@ def test_threads_give_the_serial_answers(model):
 def test_errors_are_fastattn_errors():
     for cls in (GenerationError, ChatTemplateError):
         assert issubclass(cls, FastAttnError) and issubclass(cls, ValueError)
+
+
+def test_package_load(tiny_path):
+    import fastattn
+    model = fastattn.load(tiny_path, n_threads=1, n_ctx=32)
+    assert isinstance(model, Model)
+    assert model.n_ctx == 32 and model.transformer.n_threads == 1
+    assert model.generate("hello", max_new_tokens=4, temperature=0)
