@@ -33,7 +33,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import ContextOverflowError, FastAttnError, ModelFileError, UnsupportedError
+from .errors import (ContextOverflowError, FastAttnError, ModelFileError, TokenizerError,
+                     UnsupportedError)
 from .sampling import Sampler
 
 logger = logging.getLogger("fastattn")
@@ -261,7 +262,9 @@ class Model:
     # ---------------------------------------------------------- prompts
 
     def encode(self, prompt, allowed_special=frozenset()) -> list:
-        """A prompt (text or ids) -> ids, with the bos if the model adds one."""
+        """A prompt -> ids.  Text is encoded (specials in it as plain text unless
+        allowed) with the bos in front if the model adds one; a list of ids is
+        checked and used as given."""
         tok = self.tokenizer
         if isinstance(prompt, str):
             ids = list(tok.encode(prompt, allowed_special=allowed_special))
@@ -278,7 +281,6 @@ class Model:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
                 raise TypeError(f"prompt[{i}] must be a token id (int), got {t!r}")
             if not 0 <= t < tok.n_vocab:
-                from .errors import TokenizerError
                 raise TokenizerError(f"prompt[{i}] = {t} is outside the vocabulary "
                                      f"[0, {tok.n_vocab})")
             ids.append(int(t))
