@@ -400,8 +400,10 @@ def _open_reader(path, layout):
     seen = [(t.name, int(t.tensor_type), int(t.data_offset)) for t in reader.tensors]
     want = [(t.name, t.qtype, layout.data_start + t.offset) for t in layout.tensors]
     if seen != want:
+        diff = next((a, b) for a, b in zip(seen + [None], want + [None]) if a != b)
         raise ModelFileError(f"{path}: the gguf package and fastattn's layout check "
-                             f"disagree about the tensor infos")
+                             f"disagree about the tensor infos: (name, type, offset) "
+                             f"{diff[0]} against {diff[1]}")
     return reader
 
 
