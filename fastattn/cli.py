@@ -138,7 +138,8 @@ def print_timings(stats, total_s):
     def line(label, seconds, count, unit):
         ms = seconds * 1e3
         if count and seconds > 0:
-            rate = f" ({ms / count:8.2f} ms per token, {count / seconds:8.2f} tokens per second)"
+            rate = (f" ({ms / count:8.2f} ms per token, "
+                    f"{count / seconds:8.2f} tokens per second)")
         else:
             rate = ""
         return f"{PROG}: {label:<16} = {ms:10.2f} ms / {count:5d} {unit}{rate}"
@@ -374,7 +375,8 @@ def _read_text(path):
     except OSError as e:
         raise FastAttnError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise FastAttnError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise FastAttnError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") \
+            from None
 
 
 def _isnan(array):

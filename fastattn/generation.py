@@ -162,8 +162,8 @@ def render_chat_template(template: str, messages, bos_token="", eos_token="",
 
 def _check_messages(messages):
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ChatTemplateError(f"messages must be a non-empty list of "
-                                f"{{'role': ..., 'content': ...}} dicts, got {messages!r:.80}")
+        raise ChatTemplateError(f"messages must be a non-empty list of {{'role': ..., "
+                                f"'content': ...}} dicts, got {messages!r:.80}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                 or not isinstance(m.get("content"), str):

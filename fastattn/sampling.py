@@ -41,7 +41,9 @@ def _check_number(name, value, low=None, high=None, low_open=False, high_open=Fa
     if too_low or too_high:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
-        span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        span = f"{left}{lo}, {hi}{right}"
         raise SamplingError(f"{name} must be in {span}, got {value!r}")
     return value
 
@@ -173,8 +175,8 @@ def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
         sample = logits[::stride]
         t = np.partition(sample, sample.size - k)[sample.size - k]
         candidates = np.flatnonzero(logits >= t)
-        part = np.argpartition(logits[candidates], candidates.size - k)[candidates.size - k:]
-        return candidates[part]
+        n = candidates.size
+        return candidates[np.argpartition(logits[candidates], n - k)[n - k:]]
     return np.argpartition(logits, logits.size - k)[logits.size - k:]
 
 

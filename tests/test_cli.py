@@ -187,7 +187,8 @@ def test_score(tiny, model, tmp_path):
     result = model.score(text)
     r = run(["score", str(path), "-m", tiny, "-t", "1", "-v"])
     assert r.returncode == 0, r.stderr
-    assert float(pairs(r.stdout)["perplexity"]) == pytest.approx(result.perplexity, rel=1e-5)
+    perplexity = float(pairs(r.stdout)["perplexity"])
+    assert perplexity == pytest.approx(result.perplexity, rel=1e-5)
     assert int(pairs(r.stdout)["tokens"]) == len(result.tokens)
     rows = re.findall(r"^\s*(\d+)\s+(\d+)\s+(\S+)\s", r.stdout, re.M)
     assert len(rows) == len(result.tokens)

@@ -117,8 +117,8 @@ def test_greedy_continuation_matches(hf, fa, prompt):
     torch, tokenizer, model = hf
     ids = hf_ids(hf, prompt)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                                                           dtype=torch.long),
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        out = model.generate(torch.tensor([ids]), attention_mask=mask,
                              max_new_tokens=N_NEW, do_sample=False, num_beams=1,
                              temperature=None, top_p=None, top_k=None)
     want = out[0, len(ids):].tolist()
