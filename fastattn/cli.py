@@ -248,6 +248,11 @@ def cmd_chat(args):
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = []
     interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
     if interactive and not args.quiet:
         err(f"{PROG}: chat: one line per turn; Ctrl-C stops a reply, Ctrl-D or Ctrl-C "
             f"here quits")
@@ -256,14 +261,13 @@ def cmd_chat(args):
         # read one user turn
         try:
             if interactive:
-                write_out("> ")
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
+                line = input("> ")
+            else:
+                line = sys.stdin.readline()
+                if not line:
+                    return 0                    # end of piped input
+        except (EOFError, KeyboardInterrupt):   # Ctrl-D or Ctrl-C at the prompt
             write_out("\n")
-            return 0
-        if not line:
-            if interactive:
-                write_out("\n")
             return 0
         line = line.rstrip("\r\n")
         if not line.strip():

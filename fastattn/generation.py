@@ -146,6 +146,9 @@ def render_chat_template(template: str, messages, bos_token="", eos_token="",
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    # Jinja's own tojson escapes <, > and & for HTML; templates written for
+    # transformers expect plain JSON
+    env.filters["tojson"] = _tojson
     try:
         compiled = env.from_string(template)
     except TemplateError as e:
@@ -158,6 +161,12 @@ def render_chat_template(template: str, messages, bos_token="", eos_token="",
         raise
     except TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from None
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    import json
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
 
 
 def _check_messages(messages):

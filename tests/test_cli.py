@@ -288,3 +288,78 @@ def test_chat_message_too_long_for_the_context(tiny):
     assert r.returncode == 0, r.stderr
     assert "fastattn: error: the prompt is" in r.stderr
     assert r.stdout != ""                                 # the second turn was answered
+
+
+# ------------------------------------------------------- real signals, real terminal
+
+def read_until(fd, marker, timeout=60):
+    """Read from fd until marker shows up; -> everything read."""
+    import select
+    import time
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker not in out:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{marker!r} not seen in {out!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:                       # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("key", [b"\x03", b"\x04"], ids=["ctrl-c", "ctrl-d"])
+def test_interactive_chat_on_a_terminal(tiny, key):
+    import pty
+    import termios
+    pid, fd = pty.fork()
+    if pid == 0:                                  # the child: fastattn on the terminal
+        os.environ["PYTHONPATH"] = PACKAGE_ROOT
+        os.execv(sys.executable, [sys.executable, "-m", "fastattn", "chat", "-m", tiny,
+                                  "-n", "6", "--temp", "0", "-t", "1", "-q"])
+    try:
+        before = termios.tcgetattr(fd)
+        read_until(fd, b"> ")
+        os.write(fd, b"hello\r")
+        read_until(fd, b"> ")                     # a reply, then the prompt again
+        os.write(fd, key)                         # Ctrl-C or Ctrl-D at the prompt
+        read_until(fd, b"\n", timeout=30)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert termios.tcgetattr(fd)[3] == before[3]      # local modes restored
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+
+
+@pytest.mark.model
+def test_sigint_during_generate(smollm2_path):
+    import signal
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "fastattn", "generate", "-m",
+                             smollm2_path, "-p", "Once upon a time", "-n", "4000",
+                             "--temp", "0", "-t", "1", "--no-display-prompt"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=os.path.dirname(PACKAGE_ROOT))
+    try:
+        first = read_until(proc.stdout.fileno(), b" ", timeout=120)
+        proc.send_signal(signal.SIGINT)
+        rest, errors = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (first + rest).decode()
+    assert proc.returncode == 130, errors.decode()
+    assert out.endswith("\n") and len(out) > 1
+    assert b"Traceback" not in errors and b"eval time" in errors

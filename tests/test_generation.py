@@ -404,3 +404,9 @@ def test_package_load(tiny_path):
     assert isinstance(model, Model)
     assert model.n_ctx == 32 and model.transformer.n_threads == 1
     assert model.generate("hello", max_new_tokens=4, temperature=0)
+
+
+def test_template_tojson_is_plain_json():
+    template = "{{ messages[0] | tojson }}|{{ messages[0]['content'] | tojson(indent=1) }}"
+    text = render_chat_template(template, [{"role": "user", "content": "<a> & é"}])
+    assert text == '{"role": "user", "content": "<a> & é"}|"<a> & é"'
