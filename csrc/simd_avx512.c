@@ -214,7 +214,10 @@ T512 static void avx512_scores(float *score, const float *q, const float *k, int
             a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k3 + i), a3);
         }
         __m128 sc = _mm_mul_ps(vscale, hsum_x4(a0, a1, a2, a3));
-        _mm_mask_storeu_ps(score + t, (__mmask8)(n_t - t >= 4 ? 0xf : (1u << (n_t - t)) - 1), sc);
+        if (n_t - t >= 4)  /* a plain store: masked ones are slow and block forwarding */
+            _mm_storeu_ps(score + t, sc);
+        else
+            _mm_mask_storeu_ps(score + t, (__mmask8)((1u << (n_t - t)) - 1), sc);
     }
 }
 
@@ -273,7 +276,13 @@ INL __m512 exp512(__m512 x) {
 T512 static float avx512_softmax_exp(float *score, int64_t n_t, float mx) {
     __m512 sum = _mm512_setzero_ps();
     __m512 vmx = _mm512_set1_ps(mx);
-    for (int64_t t = 0; t < n_t; t += 16) {
+    int64_t t = 0;
+    for (; t + 16 <= n_t; t += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(score + t), vmx));
+        _mm512_storeu_ps(score + t, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (t < n_t) {
         __mmask16 m = tail_mask(n_t - t);
         __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, score + t), vmx));
         _mm512_mask_storeu_ps(score + t, m, e);
