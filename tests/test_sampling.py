@@ -1,4 +1,3 @@
-import math
 
 import numpy as np
 import pytest
@@ -227,12 +226,13 @@ def test_default_parameters_on_a_real_sized_vocabulary_are_fast():
     import time
     logits = random_logits()
     sampler = Sampler(seed=0)               # top_k 40, top_p 0.95, temperature 0.8
-    start = time.perf_counter()
+    # CPU time, not wall time: other processes on the machine do not count
+    start = time.process_time()
     for _ in range(200):
         sampler.sample(logits, history=list(range(100)))
-    per_call = (time.perf_counter() - start) / 200
-    assert per_call < 0.005, f"{per_call * 1e3:.2f} ms per sample"
-    assert not math.isnan(per_call)
+    per_call = (time.process_time() - start) / 200
+    # ~0.25 ms with the subsampled top-k; a full sort of the vocabulary is ~5 ms
+    assert per_call < 0.003, f"{per_call * 1e3:.2f} ms per sample"
 
 
 @pytest.mark.parametrize("k", [1, 2, 40, 1000, 5000, 49151])
