@@ -322,10 +322,10 @@ def machine_line(results):
     versions = {"python": platform.python_version(), "numpy": numpy.__version__,
                 "fastattn": f"{_version(results, 'fastattn')} (git {commit}"
                             f"{', modified tree' if dirty else ''})"}
-    for peer in ("llama.cpp", "transformers", "ctranslate2"):
+    for peer in ("llama.cpp", "transformers", "ctranslate2", "ctranslate2-int8"):
         v = _version(results, peer)
-        if v:
-            versions[peer] = v
+        if v and v not in versions.values():
+            versions[peer.split("-")[0] if peer != "transformers" else ""] = v
     return {"cpu": cpu, "cores": os.cpu_count(), "simd": simd or "?",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "kernel": platform.release(), "versions": versions}
@@ -400,7 +400,13 @@ def main(argv=None):
     missing.update(prepare(model_path, [p for p in peers if p not in missing],
                            args.threads, log))
 
+    if args.wait_quiet > 0:
+        wait_quiet(args.wait_quiet, log)
+    busy0, own0, t0 = cpu_busy_s(), children_cpu_s(), time.perf_counter()
     bandwidth = measure_bandwidth(args.threads, log)
+    if bandwidth:
+        other = (cpu_busy_s() - busy0) - (children_cpu_s() - own0)
+        bandwidth["background_cores"] = max(0.0, other / (time.perf_counter() - t0))
 
     results = {}
     for peer in peers:
@@ -510,7 +516,8 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
                  "weight_bytes": facts["weight_bytes"], "kv_bytes_avg": kv}
         lines += ["", f"memory read bandwidth {bandwidth['gb_s']:.1f} GB/s "
                       f"({bandwidth['method']}, best of 5 reads of "
-                      f"{bandwidth['bytes'] / 2**30:.0f} GiB)"]
+                      f"{bandwidth['bytes'] / 2**30:.0f} GiB; other load "
+                      f"{bandwidth.get('background_cores', 0):.2f} cores)"]
         for peer, wbytes in (("fastattn", facts["weight_bytes"]),
                              ("fastattn-f32", facts["weight_bytes_f32"])):
             per_token = wbytes + kv
@@ -535,7 +542,8 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
     machine = machine_line(results)
     lines += ["", f"machine {machine['cpu']}, {machine['cores']} cores, "
                   f"fastattn SIMD {machine['simd']}, {machine['date']}",
-              "versions " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())]
+              "versions " + ", ".join(f"{k} {v}".strip()
+                                      for k, v in machine["versions"].items())]
     return {"text": "\n".join(lines), "args": vars(args), "model": model_path,
             "facts": facts, "bandwidth": bound, "machine": machine, "numpy": numpy_cmp,
             "targets": targets, "summaries": summaries,
