@@ -98,6 +98,10 @@ def parse_header(path: str, header: bytes, data_len: int):
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: header: invalid JSON: {e.msg} at character "
                              f"{e.pos}") from None
+    except ModelFileError:
+        raise
+    except ValueError as e:     # an integer of more than 4300 digits, say
+        raise ModelFileError(f"{path}: header: invalid JSON: {e}") from None
     except RecursionError:
         raise ModelFileError(f"{path}: header: JSON nested too deeply") from None
     if not isinstance(obj, dict):
