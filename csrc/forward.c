@@ -10,11 +10,14 @@
  * walks the same list of steps; a step is either a kernel doing the thread's
  * share (matmul rows, attention heads) or a "row-local" step where each
  * thread handles whole token rows in plain C (residual adds, biases, norms,
- * rope, cache writes).  A barrier separates a step from the next one that
- * reads its output.  Every value is computed by one thread in a fixed order,
- * so results depend neither on the thread count nor on how a prompt is cut
- * into chunks or calls: prefill + decode == one forward, bit for bit.
+ * rope, cache writes).  A barrier (team_wait below, not OpenMP's) separates
+ * a step from the next one that reads its output.  Every value is computed
+ * by one thread in a fixed order, so results depend neither on the thread
+ * count nor on how a prompt is cut into chunks or calls: prefill + decode ==
+ * one forward, bit for bit.
  */
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -23,7 +26,56 @@
 
 #include "model.h"
 
-#define BARRIER _Pragma("omp barrier")
+/* ------------------------------------------------------------ barrier */
+
+/* The threads of one forward call wait for each other here, between steps.
+ * OpenMP's own barrier spins without yielding for a long while (libgomp:
+ * GOMP_SPINCOUNT) before it sleeps; on a machine busier than its core count,
+ * a waiting thread then burns the time slice its partner needs, and a decode
+ * step ran 8x slower with 2 threads than with 1.  This barrier spins briefly,
+ * then yields the CPU on every check, which costs nothing when the machine is
+ * idle (sched_yield returns at once) and lets the partner run when it is not.
+ * A sense-reversing counter: the last thread to arrive resets the count and
+ * flips the shared sense; the others wait for the flip. */
+typedef struct {
+    atomic_int count;
+    atomic_int sense;
+} team_barrier;
+
+typedef struct {
+    team_barrier *barrier;
+    int ith, nth;
+    int sense;  /* this thread's copy, flipped at each wait */
+} team;
+
+#ifndef SPINS_BEFORE_YIELD
+#define SPINS_BEFORE_YIELD 200
+#endif
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void team_wait(team *t) {
+    if (t->nth <= 1) return;
+    team_barrier *b = t->barrier;
+    t->sense = !t->sense;
+    if (atomic_fetch_add(&b->count, 1) == t->nth - 1) {
+        atomic_store(&b->count, 0);
+        atomic_store(&b->sense, t->sense);  /* releases every write made before */
+        return;
+    }
+    for (int spins = 0; atomic_load(&b->sense) != t->sense; spins++) {
+        if (spins < SPINS_BEFORE_YIELD)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+
+#define BARRIER team_wait(tm);
 
 /* ------------------------------------------------------------ helpers */
 
@@ -245,11 +297,12 @@ static void rope_store_rows(const fa_model *m, const fa_layer *L, fa_state *s,
 /* --------------------------------------------------------- the forward */
 
 /* One chunk of n tokens at positions pos0 .. pos0 + n - 1, every layer, run by
- * thread ith of nth.  Writes logits rows if want_logits: all n rows into
+ * thread tm->ith of tm->nth.  Writes logits rows if want_logits: all n rows into
  * logits [n, n_vocab], or only the last into logits [n_vocab]. */
 static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n,
                           int64_t pos0, float *logits, int want_logits, int all_rows,
-                          int ith, int nth) {
+                          team *tm) {
+    const int ith = tm->ith, nth = tm->nth;
     const int64_t E = m->n_embd, Ekv = m->n_kv_head * m->head_dim, F = m->n_ff;
     const int64_t layer_cache = m->n_kv_head * s->n_ctx * m->head_dim;
     const int gpt2 = m->family == FA_GPT2;
@@ -358,19 +411,22 @@ int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq
     }
 
     const int64_t n_past = s->n_past, chunk = s->max_chunk;
+    team_barrier barrier;
+    atomic_init(&barrier.count, 0);
+    atomic_init(&barrier.sense, 0);
 #pragma omp parallel num_threads(n_threads)
     {
-        int ith = 0, nth = 1;
+        team tm = {&barrier, 0, 1, 0};
 #ifdef _OPENMP
-        ith = omp_get_thread_num();
-        nth = omp_get_num_threads();
+        tm.ith = omp_get_thread_num();
+        tm.nth = omp_get_num_threads();
 #endif
         for (int64_t c0 = 0; c0 < n_seq; c0 += chunk) {
             int64_t n = n_seq - c0 < chunk ? n_seq - c0 : chunk;
             int last = c0 + n == n_seq;
             float *out = all_logits ? logits + c0 * m->n_vocab : logits;
             forward_chunk(m, s, ids + c0, n, n_past + c0, out, all_logits || last,
-                          all_logits, ith, nth);
+                          all_logits, &tm);
         }
     }
     s->n_past = n_past + n_seq;
