@@ -93,8 +93,10 @@ cdef cnp.ndarray _f32(a, str name, int ndim):
 cdef int64_t _as_int(v, str name, lo, hi=None) except? -1:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise ValueError(f"{name}: expected an int, got {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        raise ValueError(f"{name}: {v} is out of range [{lo}, {hi if hi is not None else ''}]")
+    if v < lo:
+        raise ValueError(f"{name}: must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name}: must be <= {hi}, got {v}")
     return v
 
 

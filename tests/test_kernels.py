@@ -45,6 +45,25 @@ def assert_matmul_close(y, x, wf):
     assert np.all(err <= bound), f"max err {err.max()} (bound {bound[err > bound].min()})"
 
 
+def guarded(shape, dtype):
+    """A zeroed C-contiguous array whose last byte sits just before a page
+    that may not be read, so a kernel reading past the end crashes the test
+    instead of passing by luck."""
+    import ctypes
+    import mmap
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    page = mmap.PAGESIZE
+    n_pages = (nbytes + page - 1) // page + 1
+    buf = mmap.mmap(-1, n_pages * page)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(addr + (n_pages - 1) * page, page, 0) == 0   # PROT_NONE
+    offset = (n_pages - 1) * page - nbytes
+    return np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=offset).view(dtype) \
+        .reshape(shape)
+
+
 def n_in_for(qtype, odd):
     """An awkward width: odd for float types, a block count that is odd and
     not a multiple of 2 or 4 blocks for block types."""
@@ -121,6 +140,21 @@ def test_matmul_threads_bit_identical(level, qtype):
     x = rand(rng, 6, n_in)
     np.testing.assert_array_equal(K.matmul(w, x, n_threads=1), K.matmul(w, x, n_threads=2))
     np.testing.assert_array_equal(K.matmul(w, x, n_threads=1), K.matmul(w, x, n_threads=3))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=W.type_name)
+def test_matmul_reads_nothing_past_the_end(level, qtype):
+    """Weights and x end at an unreadable page: vector tails must stay inside."""
+    rng = np.random.default_rng(6)
+    for n_in in ([1, 15, 17, 33, 77] if qtype in FLOAT_TYPES else [32, 96]):
+        src = make_weight(rng, qtype, 3, n_in)
+        data = guarded(src.data.shape, np.uint8)
+        data[...] = src.data
+        w = W.WeightTensor(data, qtype, (3, n_in))
+        x = guarded((5, n_in), np.float32)
+        x[...] = rand(rng, 5, n_in)
+        assert_matmul_close(K.matmul(w, x, n_threads=2), x, src.to_float())
+        np.testing.assert_array_equal(K.dequant_row(w, 2), src.to_float()[2])
 
 
 def test_matmul_tuple_and_vector_forms():
@@ -396,6 +430,23 @@ def test_attention_running_max(level, ramp):
     out = K.attention(q, k, v, n_kv - 1, 1, 1)
     np.testing.assert_allclose(out, attention_ref(q, k, v, n_kv - 1, 1, 1), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [5, 16, 70])
+def test_attention_reads_nothing_past_the_end(level, head_dim):
+    """q and a cache filled to its last row end at an unreadable page."""
+    rng = np.random.default_rng(head_dim)
+    n_seq, pos0, n_head, n_kv_head = 3, 67, 4, 2
+    n_ctx = pos0 + n_seq
+    q = guarded((n_seq, n_head * head_dim), np.float32)
+    q[...] = rand(rng, n_seq, n_head * head_dim)
+    k = guarded((n_kv_head, n_ctx, head_dim), np.float32)
+    v = guarded((n_kv_head, n_ctx, head_dim), np.float32)
+    k[...] = rand(rng, n_kv_head, n_ctx, head_dim)
+    v[...] = rand(rng, n_kv_head, n_ctx, head_dim)
+    out = K.attention(q, k, v, pos0, n_head, n_kv_head, n_threads=2)
+    np.testing.assert_allclose(out, attention_ref(q, k, v, pos0, n_head, n_kv_head),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_attention_prefill_equals_decode(level):
