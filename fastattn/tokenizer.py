@@ -181,6 +181,12 @@ class Tokenizer:
             if not isinstance(text, str):
                 raise ModelFileError(f"{source}: token {i} is {type(text).__name__} "
                                      f"{text!r}, not text")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:    # tokenizer.json may hold "\udc80"
+                raise ModelFileError(f"{source}: token {i} {text!r} has a lone "
+                                     f"surrogate at index {e.start}; it has no UTF-8 "
+                                     f"form") from None
             if text in token_to_id:
                 raise ModelFileError(f"{source}: token {i} {text!r} duplicates "
                                      f"token {token_to_id[text]}")
