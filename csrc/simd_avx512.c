@@ -12,6 +12,13 @@
  *   the four accumulators are added as (a0 + a1) + (a2 + a3), then lanes.
  * Each x row has its own accumulators, so a kernel applying a weight row to
  * nr x rows computes every row exactly as it would alone.
+ *
+ * Known limit: with float32 activations a Q4_1 block costs about 14 vector
+ * slots (index expansion, two table lookups, the table itself, two FMAs), so
+ * a decode GEMV runs at about 11 GB/s of weights per Zen 4 core, below what
+ * memory delivers (about 30 GB/s per core).  Going past it needs integer
+ * activations (VNNI dot products on int8-quantized x), which changes the
+ * numbers and would have to be a named, measured option.
  */
 #include <math.h>
 
@@ -53,6 +60,9 @@ INL __m512 load_w_full(int type, const uint8_t *w, int64_t i) {
 
 /* ------------------------------------------------------ float-type dots */
 
+/* Known limit: from DRAM, F16 and BF16 rows ran 10-25% slower here than with
+ * the AVX2 kernel on the machine this was measured on (noisy, shared); from
+ * cache they are as fast or faster.  The cause was not found. */
 INL void dot_float(int type, const uint8_t *w, const float *x, int64_t ldx, const int nr,
                    int64_t n, float *y, int64_t ldy) {
     __m512 acc[FA_MAX_ROWS][4];
