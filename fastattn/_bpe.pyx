@@ -20,6 +20,7 @@ loop runs on C arrays without the GIL.  Python sees one class, BytePairEncoder,
 whose encode_utf8() scans and merges a whole text without the GIL, keeping a
 bounded C hash table of word -> ids for words that repeat.
 """
+from cpython.number cimport PyNumber_Index
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
@@ -714,10 +715,11 @@ def join_token_bytes(list table, ids):
     cdef int64_t v
 
     for i in ids:
-        if isinstance(i, (bool, float)):
+        if isinstance(i, bool):
             raise IndexError(f"token id {i!r} at position {k} is not an integer")
         try:
-            v = i
+            # __index__, not __int__: numpy floats (2.5, NaN) are not ids
+            v = PyNumber_Index(i)
         except (TypeError, OverflowError):
             raise IndexError(f"token id {i!r} at position {k} is not an integer "
                              f"in [0, {n_vocab})") from None
