@@ -79,6 +79,8 @@ int fa_simd_level(void) {
     return level;
 }
 
+/* For tests and benchmarks: a kernel running on another thread meanwhile
+ * may finish at the old level. */
 int fa_set_simd_level(int level) {
     int best = cpu_level();
     if (level < FA_SIMD_GENERIC) level = FA_SIMD_GENERIC;
