@@ -10,6 +10,10 @@ from .errors import ModelFileError, UnsupportedError
 
 FAMILIES = ("gpt2", "llama")
 
+# The smallest positive and the largest finite float32.
+FLOAT32_TINY = 1.401298464324817e-45
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 @dataclass
 class ModelConfig:
@@ -62,6 +66,10 @@ class ModelConfig:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ModelFileError(f"{where}{name} must be a positive finite number, "
                                      f"got {value!r}")
+            # the kernels take it as a float32: 1e-129 would become 0, 1e39 inf
+            if not FLOAT32_TINY <= value <= FLOAT32_MAX:
+                raise ModelFileError(f"{where}{name} = {value!r} is outside the float32 "
+                                     f"range [{FLOAT32_TINY}, {FLOAT32_MAX}]")
         return self
 
     def describe(self) -> list[tuple[str, object]]:
