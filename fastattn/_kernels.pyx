@@ -127,9 +127,9 @@ cdef class _Weight:
             raise ValueError(f"{name}: shape must be a tuple of ints, got {shape!r}")
         if len(shape) == 1:
             shape = (1,) + shape
-        if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
-            raise ValueError(f"{name}: expected shape (n_out, n_in) with both >= 1, "
-                             f"got {shape}")
+        if len(shape) != 2 or not (1 <= shape[0] <= 1 << 40 and 1 <= shape[1] <= 1 << 40):
+            raise ValueError(f"{name}: expected shape (n_out, n_in) with both in "
+                             f"1 .. 2**40, got {shape}")
         cdef size_t rb = fa_row_bytes(int(qtype), shape[1])
         if rb == 0:
             raise ValueError(f"{name}: row length {shape[1]} is not a positive multiple "

@@ -215,6 +215,10 @@ def test_matmul_bad_input():
         K.matmul((w.data[:3], W.Q8_0, (4, 64)), x)
     with pytest.raises(ValueError, match="block size"):
         K.matmul((w.data, W.Q8_0, (4, 48)), x)
+    with pytest.raises(ValueError, match="shape"):
+        K.matmul((w.data, W.Q8_0, (4, 2 ** 70)), x)
+    with pytest.raises(ValueError, match="shape"):
+        K.matmul((w.data, W.Q8_0, (0, 64)), x)
     with pytest.raises(ValueError, match="WeightTensor"):
         K.matmul("weights", x)
     with pytest.raises(ValueError, match="n_threads"):
