@@ -1147,6 +1147,7 @@ class Report:
         tolerance dashed.  Needs matplotlib (raises LabError if absent); uses
         no pyplot state, so it does not touch the caller's figures or backend."""
         try:
+            from matplotlib import colormaps
             from matplotlib.figure import Figure
         except ImportError:
             raise LabError("--plot needs matplotlib, which is not installed "
@@ -1158,12 +1159,14 @@ class Report:
         ax.plot(layers, self.tolerance.layers, "k--", lw=1.5, label="tolerance (exact)")
         ax.plot(layers, np.maximum(self.tolerance.ref_error, floor), "k:", lw=1,
                 label="reference float32 error")
-        for r in self.results:
-            if not r.layer_max_rel:
-                continue
+        tab20 = colormaps["tab20"].colors          # dark ones first, then light
+        colors = list(tab20[0::2]) + list(tab20[1::2])
+        for i, r in enumerate(x for x in self.results if x.layer_max_rel):
             values = np.maximum(np.asarray(r.layer_max_rel), floor)
-            ax.plot(layers[:len(values)], values, marker="o", ms=3,
-                    label=f"{r.name} ({r.verdict})")
+            verdict = "bit-identical" if r.max_rel == 0 else r.verdict
+            ax.plot(layers[:len(values)], values, color=colors[i % len(colors)],
+                    ls="-." if r.broken else "-", marker="x" if r.broken else "o",
+                    ms=3, label=f"{r.name} ({verdict})")
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel("max rel |h_variant - h_reference|  (0 drawn at 1e-12)")
