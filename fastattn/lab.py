@@ -53,7 +53,8 @@ five texts (prose, code, a chat, a list of numbers, one word repeated): the
 correct rewrites stayed 3x to 18x below the line at every layer, closest
 kv_cache_decode, whose one-row products round up to ~3x worse than the
 reference's.  The broken-on-purpose ones, on the built-in paragraph, were
-3*10^4 to 6*10^5 times above it at layer 0.  The logits get the same rule on their max abs difference.
+3*10^4 to 6*10^5 times above it at layer 0.  The logits get the same rule on
+their max abs difference.
 
 Known shortcomings of the rule: K is an engineering margin, not a proof.  A
 correct rewrite that rounds much worse than the reference (sums in float16,
