@@ -104,8 +104,11 @@ class Sampler:
             keep = min(keep, int(np.count_nonzero(probs >= self.min_p * probs[0])))
         ids, values = ids[:keep], values[:keep]
 
-        # draw from softmax(values / temperature)
-        probs = _softmax(values / self.temperature)
+        # draw from softmax(values / temperature), the maximum subtracted first:
+        # a tiny temperature then sends the others to -inf (greedy, its limit),
+        # not every value to +-inf and the probabilities to NaN
+        with np.errstate(over="ignore"):
+            probs = _softmax((values - values.max()) / self.temperature)
         cumulative = np.cumsum(probs)
         u = self.rng.random() * cumulative[-1]
         index = min(int(np.searchsorted(cumulative, u, side="right")), keep - 1)
@@ -135,12 +138,24 @@ class Sampler:
         if self.repeat_penalty == 1.0 or self.repeat_last_n == 0 or len(history) == 0:
             return logits
         recent = history if self.repeat_last_n < 0 else history[-self.repeat_last_n:]
-        ids = np.unique(np.asarray(recent, dtype=np.int64))
+        try:
+            ids = np.unique(np.asarray(recent, dtype=np.int64))
+        except (TypeError, ValueError, OverflowError):
+            raise SamplingError(f"history must be a sequence of token ids, got "
+                                f"{str(recent)[:80]}") from None
         ids = ids[(ids >= 0) & (ids < logits.size)]
-        logits = logits.astype(np.float32, copy=True)
+        dtype = np.result_type(logits.dtype, np.float32)     # float32 at least
+        logits = logits.astype(dtype, copy=True)
         seen = logits[ids]
-        logits[ids] = np.where(seen > 0, seen / self.repeat_penalty,
-                               seen * self.repeat_penalty)
+        # in float64, where any valid penalty is a finite nonzero number (as a
+        # float32, 1e-300 would be 0 and 1e200 inf); then a finite logit stays
+        # finite (+inf would be refused as a broken model's, -inf is banned)
+        wide = seen.astype(np.float64)
+        with np.errstate(all="ignore"):
+            penalized = np.where(wide > 0, wide / self.repeat_penalty,
+                                 wide * self.repeat_penalty)
+        limit = np.finfo(dtype).max
+        logits[ids] = np.where(np.isfinite(seen), np.clip(penalized, -limit, limit), seen)
         return logits
 
     def _top_k(self, logits):
