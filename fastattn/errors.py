@@ -29,3 +29,8 @@ class TokenizerError(FastAttnError, ValueError):
 
 class DownloadError(FastAttnError, RuntimeError):
     """The default model could not be fetched or failed its checksum."""
+
+
+class OutOfMemoryError(FastAttnError, MemoryError):
+    """An allocation failed (a KV cache for a long context, say); the message
+    says how many bytes were asked for."""
