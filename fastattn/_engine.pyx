@@ -20,7 +20,7 @@ from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
-from .errors import ContextOverflowError, FastAttnError, TokenizerError
+from .errors import ContextOverflowError, FastAttnError, OutOfMemoryError, TokenizerError
 
 cnp.import_array()
 
@@ -128,7 +128,9 @@ cdef class Model:
 
         self.layers = <fa_layer *>calloc(config.n_layer, sizeof(fa_layer))
         if self.layers == NULL:
-            raise MemoryError("fastattn: cannot allocate the layer table")
+            raise OutOfMemoryError(f"fastattn: cannot allocate the layer table of "
+                                   f"{config.n_layer} layers "
+                                   f"({config.n_layer * sizeof(fa_layer)} bytes)")
         m.layers = self.layers
 
         m.token_embd = self._weight(matrices, "token_embd.weight", config.n_vocab, E)
@@ -254,7 +256,10 @@ cdef class Model:
                 f"context overflow: n_past {state.s.n_past} + requested {n_seq} "
                 f"> n_ctx {state.s.n_ctx}")
         if rc == FA_ERR_NOMEM:
-            raise MemoryError("fastattn: out of memory in the forward pass")
+            raise OutOfMemoryError(f"fastattn: cannot allocate the attention scratch "
+                                   f"of the forward pass ({n_threads} threads x n_ctx "
+                                   f"{state.s.n_ctx} floats = "
+                                   f"{4 * n_threads * state.s.n_ctx} bytes)")
         raise FastAttnError(f"fastattn: fa_forward failed with code {rc}")
 
 
@@ -286,8 +291,22 @@ cdef class Model:
                 f"context overflow: n_past {state.s.n_past} + requested 1 "
                 f"> n_ctx {state.s.n_ctx}")
         if rc == FA_ERR_NOMEM:
-            raise MemoryError("fastattn: out of memory in the forward pass")
+            raise OutOfMemoryError(f"fastattn: cannot allocate the attention scratch "
+                                   f"of the forward pass ({n_threads} threads x n_ctx "
+                                   f"{state.s.n_ctx} floats = "
+                                   f"{4 * n_threads * state.s.n_ctx} bytes)")
         raise FastAttnError(f"fastattn: fa_forward failed with code {rc}")
+
+
+def state_bytes(config, n_ctx, max_chunk):
+    """(KV cache bytes, scratch bytes) that fa_state_init allocates for a state
+    of n_ctx positions run in chunks of max_chunk tokens."""
+    E, F, Ekv = config.n_embd, config.n_ff, config.n_kv_head * config.head_dim
+    kv = 2 * config.n_layer * n_ctx * Ekv * 4
+    chunk = min(max_chunk, n_ctx)
+    qkv = 3 * E if config.family == "gpt2" else 2 * Ekv
+    scratch = chunk * (4 * E + qkv + 2 * F) * 4
+    return kv, scratch
 
 
 cdef class State:
@@ -304,7 +323,11 @@ cdef class State:
             raise ContextOverflowError(f"n_ctx {n_ctx} must be in [1, {model.m.n_ctx}]")
         cdef int rc = fa_state_init(&self.s, &model.m, n_ctx, max_chunk)
         if rc == FA_ERR_NOMEM:
-            raise MemoryError(f"fastattn: cannot allocate a KV cache of n_ctx {n_ctx}")
+            kv, scratch = state_bytes(model.config, n_ctx, max_chunk)
+            raise OutOfMemoryError(
+                f"fastattn: cannot allocate a state of n_ctx {n_ctx}: it needs "
+                f"{kv + scratch} bytes ({(kv + scratch) / 2**30:.2f} GiB: KV cache "
+                f"{kv}, scratch {scratch}); use a smaller n_ctx")
         if rc != FA_OK:
             raise FastAttnError(f"fastattn: fa_state_init failed with code {rc}")
 
