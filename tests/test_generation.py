@@ -410,3 +410,35 @@ def test_template_tojson_is_plain_json():
     template = "{{ messages[0] | tojson }}|{{ messages[0]['content'] | tojson(indent=1) }}"
     text = render_chat_template(template, [{"role": "user", "content": "<a> & é"}])
     assert text == '{"role": "user", "content": "<a> & é"}|"<a> & é"'
+
+
+def test_hugging_face_folder_generates_the_same(tiny_path, model, tmp_path):
+    """The tiny GGUF turned into a Hugging Face folder by transformers (float32
+    safetensors, tokenizer.json, chat_template.jinja): Model.load on the folder
+    gives the GGUF's ids, logits, greedy text and chat replies."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, name = os.path.split(str(tiny_path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    from_gguf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32)
+    plain = transformers.LlamaForCausalLM(from_gguf.config)   # a GGUF-loaded model
+    plain.load_state_dict(from_gguf.state_dict())             # will not save itself
+    tokenizer.save_pretrained(tmp_path)
+    plain.save_pretrained(tmp_path)
+
+    hf = Model.load(tmp_path, n_threads=1)
+    assert hf.chat_template and hf.tokenizer.eos_ids == model.tokenizer.eos_ids
+    for prompt in ["the quick brown fox", "once upon a time, hello world"]:
+        ids = model.encode(prompt)
+        assert hf.encode(prompt) == ids
+        np.testing.assert_allclose(hf.transformer.forward(ids),
+                                   model.transformer.forward(ids), rtol=0, atol=1e-4)
+        assert hf.generate(prompt, max_new_tokens=20, temperature=0) == \
+            model.generate(prompt, max_new_tokens=20, temperature=0)
+    messages = [{"role": "user", "content": "hi"}]
+    assert hf.apply_chat_template(messages) == model.apply_chat_template(messages)
+    assert hf.chat(messages, max_new_tokens=10, temperature=0) == \
+        model.chat(messages, max_new_tokens=10, temperature=0)
