@@ -23,10 +23,10 @@ typedef struct {
     fa_dot_fn dot_f32, dot_f16, dot_bf16, dot_q8_0, dot_q4_0, dot_q4_1;
     int max_rows;  /* rows the level's kernels take at once, <= FA_MAX_ROWS */
     /* attention over one head, head_dim = n:
-     * scores: score[t] = scale * sum_i q[i] k[t, i]         t < n_t
+     * scores: score[t] = scale * sum_i q[i] k[t, i], t < n_t; returns max_t score[t]
      * wsum:   out[i] = sum_t p[t] v[t * ldv + i], t in order   i < n
      * softmax_exp: p[t] = exp(score[t] - mx), returns sum_t p[t] */
-    void (*scores)(float *score, const float *q, const float *k, int64_t n_t,
+    float (*scores)(float *score, const float *q, const float *k, int64_t n_t,
                    int64_t n, float scale);
     void (*wsum)(float *out, const float *p, const float *v, int64_t ldv, int64_t n_t,
                  int64_t n);

@@ -100,15 +100,18 @@ GENERIC_DOT(generic_dot_q4_0, FA_Q4_0)
 GENERIC_DOT(generic_dot_q4_1, FA_Q4_1)
 
 /* Attention's inner loops over one head (see fa_kernels). */
-static void generic_scores(float *score, const float *q, const float *k, int64_t n_t,
-                           int64_t n, float scale) {
+static float generic_scores(float *score, const float *q, const float *k, int64_t n_t,
+                            int64_t n, float scale) {
+    float mx = -INFINITY;
     for (int64_t t = 0; t < n_t; t++) {
         const float *kt = k + t * n;
         float acc[8] = {0};
         for (int64_t i = 0; i < n; i++) acc[i & 7] += q[i] * kt[i];
         score[t] = scale * (((acc[0] + acc[1]) + (acc[2] + acc[3]))
                             + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+        if (score[t] > mx) mx = score[t];
     }
+    return mx;
 }
 
 static void generic_wsum(float *out, const float *p, const float *v, int64_t ldv,

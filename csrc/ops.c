@@ -178,17 +178,18 @@ static void attend_group(const fa_kernels *kern, const float *q, const float *kh
         int64_t c = n_t - t0 < ATT_CHUNK ? n_t - t0 : ATT_CHUNK;
         const float *kc = kh + t0 * head_dim, *vc = vh + t0 * head_dim;
 
-        /* scores of this chunk for every head: one pass over the K chunk */
+        /* scores of this chunk for every head, and their max: one pass over
+         * the K chunk */
+        float chunk_max[ATT_GROUP];
         for (int g = 0; g < n_h; g++)
-            kern->scores(score[g], q + (int64_t)g * head_dim, kc, c, head_dim, scale);
+            chunk_max[g] = kern->scores(score[g], q + (int64_t)g * head_dim, kc, c, head_dim,
+                                        scale);
 
         for (int g = 0; g < n_h; g++) {
             float *o = out + (int64_t)g * head_dim;
 
             /* new running max; the factor that rescales what came before */
-            float m = score[g][0];
-            for (int64_t t = 1; t < c; t++)
-                if (score[g][t] > m) m = score[g][t];
+            float m = chunk_max[g];
             float factor = 0.0f;
             if (t0 > 0) {
                 if (mx[g] > m) m = mx[g];

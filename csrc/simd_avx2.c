@@ -177,9 +177,10 @@ INL __m128 hsum_x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 /* Scores of four keys at a time, so one reduction tree serves four dot
  * products; past the last key the group repeats key n_t - 1 and drops those
  * results, so every score is computed the same way wherever it falls. */
-T256 static void avx2_scores(float *score, const float *q, const float *k, int64_t n_t,
+T256 static float avx2_scores(float *score, const float *q, const float *k, int64_t n_t,
                              int64_t n, float scale) {
     const __m128 vscale = _mm_set1_ps(scale);
+    __m128 vmax = _mm_set1_ps(-INFINITY);  /* repeated keys past the end change no max */
     for (int64_t t = 0; t < n_t; t += 4) {
         const float *k0 = k + t * n;
         const float *k1 = k + (t + 1 < n_t ? t + 1 : n_t - 1) * n;
@@ -203,6 +204,7 @@ T256 static void avx2_scores(float *score, const float *q, const float *k, int64
             a3 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k3 + i, m), a3);
         }
         __m128 sc = _mm_mul_ps(vscale, hsum_x4(a0, a1, a2, a3));
+        vmax = _mm_max_ps(vmax, sc);
         if (n_t - t >= 4) {
             _mm_storeu_ps(score + t, sc);
         } else {
@@ -211,6 +213,9 @@ T256 static void avx2_scores(float *score, const float *q, const float *k, int64
             for (int64_t j = 0; j < n_t - t; j++) score[t + j] = tmp[j];
         }
     }
+    vmax = _mm_max_ps(vmax, _mm_movehl_ps(vmax, vmax));
+    vmax = _mm_max_ss(vmax, _mm_movehdup_ps(vmax));
+    return _mm_cvtss_f32(vmax);
 }
 
 /* out[i] = sum_t p[t] v[t, i], 32 columns at a time held in registers. */

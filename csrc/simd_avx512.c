@@ -206,9 +206,10 @@ INL __m128 hsum_x4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
  * products.  Past the last key the group repeats key n_t - 1 (never reading
  * beyond the filled cache) and drops those results, so every score is
  * computed the same way wherever it falls in a group. */
-T512 static void avx512_scores(float *score, const float *q, const float *k, int64_t n_t,
+T512 static float avx512_scores(float *score, const float *q, const float *k, int64_t n_t,
                                int64_t n, float scale) {
     const __m128 vscale = _mm_set1_ps(scale);
+    __m128 vmax = _mm_set1_ps(-INFINITY);  /* repeated keys past the end change no max */
     for (int64_t t = 0; t < n_t; t += 4) {
         const float *k0 = k + t * n;
         const float *k1 = k + (t + 1 < n_t ? t + 1 : n_t - 1) * n;
@@ -224,11 +225,15 @@ T512 static void avx512_scores(float *score, const float *q, const float *k, int
             a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k3 + i), a3);
         }
         __m128 sc = _mm_mul_ps(vscale, hsum_x4(a0, a1, a2, a3));
+        vmax = _mm_max_ps(vmax, sc);
         if (n_t - t >= 4)  /* a plain store: masked ones are slow and block forwarding */
             _mm_storeu_ps(score + t, sc);
         else
             _mm_mask_storeu_ps(score + t, (__mmask8)((1u << (n_t - t)) - 1), sc);
     }
+    vmax = _mm_max_ps(vmax, _mm_movehl_ps(vmax, vmax));
+    vmax = _mm_max_ss(vmax, _mm_movehdup_ps(vmax));
+    return _mm_cvtss_f32(vmax);
 }
 
 /* out[i] = sum_t p[t] v[t, i], 64 columns at a time held in registers.
