@@ -100,9 +100,10 @@ Built in (lab.BUILTINS; `fastattn verify --list-variants`):
 
 Timings (ms/token) are the wall time of the whole run over the number of
 tokens: numpy for every variant but the engine, so they compare rewrites
-with each other, not with a fast implementation.  On a busy machine numpy's
-BLAS threads make the one-row products of kv_cache_decode much slower than
-they are on an idle one.
+with each other, not with a fast implementation.  On a busy machine, BLAS
+threads that spin while they wait make every numpy product many times
+slower (a whole run on a 2-core machine at load 8: 320 s, against 23 s with
+OPENBLAS_NUM_THREADS=1 and --threads 1); the numbers judged do not change.
 
 Your own: a callable with the per-head signature of fastattn.lab_variants
 (`attention(q, k, v, mask) -> out`, q [n_q, head_dim], k, v [n_k, head_dim],
@@ -115,6 +116,7 @@ of a whole layer (all heads at once, as heads_parallel) is passed from Python
 as Variant(name, "layer", fn) with the per-layer shapes of lab_variants.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -1266,6 +1268,22 @@ def _read_text(text):
     return text, "(command line)"
 
 
+@contextlib.contextmanager
+def _cwd_importable():
+    """The current folder on sys.path while user variants are imported, so
+    that 'mymodule:fn' finds ./mymodule.py from the `fastattn` script too;
+    taken off again afterwards."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def run_verify(args) -> int:
     """`fastattn verify`: returns the exit code (0 all kept the answer, 1 some
     variant did not, 2 bad input)."""
@@ -1275,10 +1293,9 @@ def run_verify(args) -> int:
         return 0
     try:
         # variants first: a typo should not wait for a model load
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())     # so 'mymodule:fn' finds ./mymodule.py
         names = _expand_variants(args.variant) or default_variants()
-        variants = [resolve_variant(v) for v in names]
+        with _cwd_importable():
+            variants = [resolve_variant(v) for v in names]
         if args.max_tokens is not None and args.max_tokens < 1:
             raise LabError(f"--max-tokens must be >= 1, got {args.max_tokens}")
 

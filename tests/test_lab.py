@@ -5,11 +5,13 @@ overflow is reported rather than crashed on, and the command line works.
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import fastattn
 from fastattn import lab, lab_variants, reference
 from fastattn.errors import FastAttnError
 from fastattn.testing import random_config, random_ids, random_weights
@@ -20,10 +22,13 @@ FAMILIES = {
     # head_dim 12: 1/sqrt(12) is not a power of two, so scale_in_query rounds
     "llama-hd12": dict(family="llama", n_embd=48, n_head=4, n_kv_head=2, n_layer=3),
 }
-EXACT = [v for v in lab.DEFAULT_VARIANTS]          # engine included: it must be built
-BIT_IDENTICAL = {"reference"}                      # the control: same code path
+# the folder fastattn was imported from (source tree or site-packages), for
+# the subprocess to import the same one
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
+EXACT = list(lab.DEFAULT_VARIANTS)           # engine included: it must be built
+BIT_IDENTICAL = {"reference"}                # the control: same code path
 ROUNDING = {"kv_cache_decode", "online_softmax:block=1", "online_softmax:block=16",
-            "float64", "engine"}                   # must differ, if only by rounding
+            "float64", "engine"}             # must differ, if only by rounding
 
 
 def random_lab(name, seed=0, **overrides):
@@ -110,7 +115,7 @@ def test_every_builtin_exact_variant_is_judged_exact(name):
             assert report[name_].max_rel > 0, name_
     if L.config.head_dim == 12:
         assert report["scale_in_query"].max_rel > 0
-    else:                                            # 1/4: a power of two, exact to the bit
+    else:                                  # 1/4: a power of two, exact to the bit
         assert report["scale_in_query"].max_rel == 0
 
 
@@ -320,7 +325,8 @@ def test_run_verify_prints_the_table_and_writes_json(tiny_gguf, tmp_path, capsys
     parser = argparse.ArgumentParser(prog="fastattn")
     lab.add_verify_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["verify", "-m", tiny_gguf, "--text", str(text),
-                              "--variant", "reference", "--variant", "online_softmax:block=4",
+                              "--variant", "reference",
+                              "--variant", "online_softmax:block=4",
                               "--variant", "kv_cache_decode", "--variant", "engine",
                               "--variant", "wrong_mask_shifted", "--max-tokens", "30",
                               "--json", str(out), "--per-layer"])
@@ -328,7 +334,8 @@ def test_run_verify_prints_the_table_and_writes_json(tiny_gguf, tmp_path, capsys
     assert args.run(args) == 0
     printed = capsys.readouterr().out
     for needle in ("variant", "verdict", "reference.forward", "online_softmax:block=4",
-                   "kv_cache_decode", "engine (logits only)", "wrong_mask_shifted [broken]",
+                   "kv_cache_decode", "engine (logits only)",
+                   "wrong_mask_shifted [broken]",
                    "tolerance", "max rel |dh| per layer", "tokens     = 30"):
         assert needle in printed, needle
 
@@ -344,14 +351,24 @@ def test_run_verify_prints_the_table_and_writes_json(tiny_gguf, tmp_path, capsys
     assert 0 <= shifted["greedy_fraction"] < 1
 
 
-def test_python_m_fastattn_lab_and_exit_codes(tiny_gguf, tmp_path, capsys):
+def test_python_m_fastattn_lab_and_exit_codes(tiny_gguf, tmp_path, capsys, monkeypatch):
     assert lab.main(["-m", tiny_gguf, "--text", "hello world, hello there",
-                     "--variant", "wrong_scale_missing", "--variant", "scale_in_query"]) == 0
+                     "--variant", "wrong_scale_missing",
+                     "--variant", "scale_in_query"]) == 0
     # a user variant that is wrong (not flagged broken) makes the exit status 1
     (tmp_path / "wrong_user_attn.py").write_text(
         "from fastattn.lab_variants import wrong_softmax_axis as attention\n")
     assert lab.main(["-m", tiny_gguf, "--text", "hello world, hello there",
                      "--variant", f"{tmp_path / 'wrong_user_attn.py'}:attention"]) == 1
+    # a module in the current folder, as `fastattn verify` is run from a shell;
+    # sys.path is left as it was
+    (tmp_path / "cwd_user_attn.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    assert lab.main(["-m", tiny_gguf, "--text", "hello world, hello there",
+                     "--variant", "cwd_user_attn:attention"]) == 0
+    assert sys.path == path_before
+    assert "cwd_user_attn:attention" in capsys.readouterr().out
     # bad input: exit 2 and a message naming the culprit
     assert lab.main(["-m", tiny_gguf, "--variant", "no_such_module_zz:fn"]) == 2
     assert "no_such_module_zz" in capsys.readouterr().err
@@ -403,22 +420,43 @@ def _smollm2_path():
 
 
 @pytest.mark.model
-def test_real_model_exact_variants_and_broken_ones():
-    from fastattn.tokenizer import Tokenizer
-    # one engine thread: the numbers are the same, and a busy machine does not
-    # stall its barriers
-    L = lab.Lab.from_file(_smollm2_path(), engine_threads=1)
-    ids = Tokenizer.from_loaded(L.loaded.tokenizer).encode(REAL_TEXT)
-    assert 40 <= len(ids) <= 60
-    report = L.run(ids, EXACT + ["wrong_mask_shifted", "wrong_kv_heads_swapped"])
-    for r in report.results:
-        if r.broken:
-            assert r.verdict == "different" and r.first_departing_layer == 0, r.name
+def test_real_model_exact_variants_and_broken_ones(tmp_path):
+    """`python -m fastattn.lab` on SmolLM2 and a real paragraph: every
+    built-in exact rewrite is exact, the broken ones depart at layer 0.
+
+    In a subprocess with one BLAS and one engine thread: the numbers are the
+    same, and on a busy machine two spinning threads per product make this
+    run ten times slower."""
+    text = tmp_path / "bees.txt"
+    text.write_text(REAL_TEXT)
+    out = tmp_path / "report.json"
+    args = ["-m", _smollm2_path(), "--text", str(text), "--json", str(out),
+            "--threads", "1", "--variant", "defaults",
+            "--variant", "wrong_mask_shifted", "--variant", "wrong_kv_heads_swapped"]
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT, OPENBLAS_NUM_THREADS="1",
+               OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "fastattn.lab", *args], env=env,
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "engine (logits only)" in r.stdout and "[broken]" in r.stdout
+
+    data = json.loads(out.read_text())
+    n = data["n_tokens"]
+    assert 40 <= n <= 60 and data["config"]["n_layer"] == 30
+    results = {v["name"]: v for v in data["variants"]}
+    assert set(lab.DEFAULT_VARIANTS) <= set(results)          # engine included
+    for name, v in results.items():
+        if v["broken"]:
+            assert v["verdict"] == "different", (name, v["reason"])
+            assert v["first_departing_layer"] == 0, name
         else:
-            assert r.verdict == "exact", (r.name, r.reason, r.max_rel, r.logit_max_abs)
-            assert r.greedy_agree == len(ids)
-    assert report["reference"].max_rel == 0
+            assert v["verdict"] == "exact", (name, v["reason"])
+            assert v["greedy_agree"] == n, name
+            if v["layer_max_rel"] is not None:
+                assert all(d <= t for d, t in zip(v["layer_max_rel"],
+                                                  data["tolerance"]["per_layer"]))
+    assert max(results["reference"]["layer_max_rel"]) == 0
     # SmolLM2's head_dim is 64: the folded scale is 1/8, exact to the bit
-    assert report["scale_in_query"].max_rel == 0
-    assert report["kv_cache_decode"].max_rel > 0
-    assert len(report.tolerance.layers) == 30
+    assert max(results["scale_in_query"]["layer_max_rel"]) == 0
+    assert max(results["kv_cache_decode"]["layer_max_rel"]) > 0
+    assert max(data["score_peak_per_layer"]) < 88.7     # why no_max_subtraction holds
