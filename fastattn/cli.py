@@ -247,6 +247,8 @@ def cmd_chat(args):
         kwargs["max_new_tokens"] = 512
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = []
+    # the conversation's KV cache: each turn computes only the new tokens
+    session = model.session()
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -274,14 +276,12 @@ def cmd_chat(args):
             continue
         history.append({"role": "user", "content": line})
 
-        # Shortcoming: every turn renders and prefills the whole conversation
-        # again; the KV cache of the previous turn is not reused, so a long
-        # chat pays its full prompt time on each reply.
         # fit the conversation in the context: drop the oldest turns first
         pieces = None
         while pieces is None:
             try:
-                pieces = model.chat(system + history, stream=True, **kwargs)
+                pieces = model.chat(system + history, stream=True, session=session,
+                                    **kwargs)
             except ContextOverflowError as e:
                 if len(history) <= 1:
                     # this message alone does not fit: say so, and wait for another
@@ -305,7 +305,8 @@ def cmd_chat(args):
         history.append({"role": "assistant", "content": "".join(reply)})
         if args.verbose:
             stats = model.last_stats
-            err(f"{PROG}: {stats.get('prompt_tokens', 0)} prompt tokens, "
+            err(f"{PROG}: {stats.get('prompt_tokens', 0)} prompt tokens "
+                f"({stats.get('cached_tokens', 0)} cached), "
                 f"{stats.get('gen_tokens', 0)} generated, "
                 f"{stats.get('gen_tok_s', 0.0):.1f} tokens/s, "
                 f"stopped by {stats.get('stopped')}")

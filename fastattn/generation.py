@@ -316,17 +316,17 @@ class Model:
 
     def generate(self, prompt: Union[str, list], max_new_tokens=128, temperature=0.8,
                  top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.0, seed=None,
-                 stop=None) -> str:
+                 stop=None, session=None) -> str:
         """The continuation of prompt as one string (see the module docstring
-        for when it stops)."""
+        for when it stops).  session: a Session whose cached prefix to reuse."""
         return "".join(self.stream(prompt, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repeat_penalty=repeat_penalty,
-                                   seed=seed, stop=stop))
+                                   seed=seed, stop=stop, session=session))
 
     def stream(self, prompt: Union[str, list], max_new_tokens=128, temperature=0.8,
                top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.0, seed=None,
-               stop=None) -> Iterator[str]:
+               stop=None, session=None) -> Iterator[str]:
         """Like generate, yielding the text in pieces as they complete.
 
         The arguments are checked (and the prompt encoded) before the first
@@ -335,30 +335,38 @@ class Model:
         return self._stream_ids(ids, max_new_tokens, stop,
                                 Sampler(temperature=temperature, top_k=top_k, top_p=top_p,
                                         min_p=min_p, repeat_penalty=repeat_penalty,
-                                        seed=seed))
+                                        seed=seed), session=session)
 
     def chat(self, messages, max_new_tokens=256, temperature=0.8, top_k=40, top_p=0.95,
-             min_p=0.0, repeat_penalty=1.0, seed=None, stop=None, stream=False):
+             min_p=0.0, repeat_penalty=1.0, seed=None, stop=None, stream=False,
+             session=None):
         """The assistant's reply to messages ([{"role": ..., "content": ...}]),
         rendered with the model's chat template; an iterator of pieces if
-        stream is true."""
+        stream is true.  With a session, the turns already in its cache are
+        not computed again."""
         ids = self._chat_ids(messages)
         pieces = self._stream_ids(ids, max_new_tokens, stop,
                                   Sampler(temperature=temperature, top_k=top_k,
                                           top_p=top_p, min_p=min_p,
-                                          repeat_penalty=repeat_penalty, seed=seed))
+                                          repeat_penalty=repeat_penalty, seed=seed),
+                                  session=session)
         return pieces if stream else "".join(pieces)
 
-    def generate_ids(self, prompt, max_new_tokens=128, **sampling) -> list:
+    def generate_ids(self, prompt, max_new_tokens=128, session=None, **sampling) -> list:
         """The generated token ids (eos not included), without stop strings."""
         ids = self.encode(prompt)
         out = []
         for _ in self._stream_ids(ids, max_new_tokens, None, Sampler(**sampling),
-                                  out_ids=out):
+                                  out_ids=out, session=session):
             pass
         return out
 
-    def _stream_ids(self, ids, max_new_tokens, stop, sampler, out_ids=None):
+    def session(self) -> "Session":
+        """A KV cache that lives across calls, for one conversation at a time."""
+        return Session(self)
+
+    def _stream_ids(self, ids, max_new_tokens, stop, sampler, out_ids=None,
+                    session=None):
         """Check everything, then return the generator that does the work."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:
@@ -372,24 +380,36 @@ class Model:
             raise ContextOverflowError(f"the prompt is {len(ids)} tokens; the context "
                                        f"(n_ctx) is {self.n_ctx}, which leaves no room "
                                        f"for a new token")
-        return self._run(ids, max_new_tokens, stop, sampler, out_ids)
+        if session is not None and session.model is not self:
+            raise GenerationError("the session belongs to another Model")
+        return self._run(ids, max_new_tokens, stop, sampler, out_ids, session)
 
-    def _run(self, ids, max_new_tokens, stop, sampler, out_ids):
+    def _run(self, ids, max_new_tokens, stop, sampler, out_ids, session):
         """The generation loop: prefill the prompt, then sample / decode."""
         tok = self.tokenizer
         eos_ids = tok.eos_ids
         n_prompt = len(ids)
         stats = {"load_s": self.load_s, "prompt_tokens": n_prompt, "prompt_s": 0.0,
-                 "gen_tokens": 0, "gen_s": 0.0, "stopped": "length"}
+                 "cached_tokens": 0, "gen_tokens": 0, "gen_s": 0.0, "stopped": "length"}
         self._set_stats(stats)
         if max_new_tokens == 0:
             _finish(stats)
             return
 
-        # The cache holds what this call can reach: the last sampled token is
-        # never fed back, so prompt + max_new_tokens - 1 positions are enough.
-        state = self.transformer.new_state(
-            n_ctx=min(self.n_ctx, n_prompt + max_new_tokens))
+        if session is None:
+            # The cache holds what this call can reach: the last sampled token is
+            # never fed back, so prompt + max_new_tokens - 1 positions are enough.
+            state = self.transformer.new_state(
+                n_ctx=min(self.n_ctx, n_prompt + max_new_tokens))
+            cached = 0
+        else:
+            # keep the longest prefix the cache already holds (at least one prompt
+            # token is computed again: its logits choose the first new token)
+            state = session.state
+            cached = min(_common_prefix(session.ids, ids), n_prompt - 1)
+            state.rewind(cached)
+            session.ids = list(ids)          # what the cache will hold, trimmed below
+        stats["cached_tokens"] = cached
         decoder = tok.stream_decoder()
         matcher = StopMatcher(stop)
         history = list(ids)
@@ -397,7 +417,7 @@ class Model:
         clock = time.perf_counter
         try:
             start = clock()
-            logits = self.transformer.prefill(state, ids)
+            logits = self.transformer.prefill(state, ids[cached:])
             stats["prompt_s"] = clock() - start
 
             # gen_s counts the time spent here, not the caller's time between pieces
@@ -428,6 +448,8 @@ class Model:
                 start = clock()
                 logits = self.transformer.decode(state, token)
                 stats["gen_s"] += clock() - start
+                if session is not None:
+                    session.ids.append(token)
 
             # what the decoder and the stop matcher still hold
             if stats["stopped"] != "stop":
@@ -442,6 +464,9 @@ class Model:
             stats["stopped"] = "interrupted"      # the caller stopped reading
             raise
         finally:
+            if session is not None:
+                # an interrupted prefill may leave the cache shorter than planned
+                del session.ids[state.n_past:]
             _finish(stats)
 
     # ---------------------------------------------------------- scoring
@@ -476,6 +501,37 @@ class Model:
                                  "prompt_s": elapsed, "gen_tokens": 0, "gen_s": 0.0,
                                  "stopped": None}))
         return ScoreResult(ids, logprobs, perplexity)
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Session:
+    """A KV cache kept between calls: a chat that renders its whole history
+    each turn computes only what is new since the last call (the longest
+    common prefix of the token ids is reused; generation is otherwise the
+    same, token for token).  One conversation, one thread at a time.
+
+        >>> session = model.session()
+        >>> model.chat(messages, session=session)          # computes it all
+        >>> model.chat(messages + [reply, question], session=session)  # the new turn
+
+    The cache has room for model.n_ctx positions, allocated once."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self.state = model.transformer.new_state(n_ctx=model.n_ctx)
+        self.ids = []                      # the ids whose keys and values are cached
+
+    def reset(self):
+        self.state.reset()
+        self.ids = []
 
 
 def _log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -442,3 +442,54 @@ def test_hugging_face_folder_generates_the_same(tiny_path, model, tmp_path):
     assert hf.apply_chat_template(messages) == model.apply_chat_template(messages)
     assert hf.chat(messages, max_new_tokens=10, temperature=0) == \
         model.chat(messages, max_new_tokens=10, temperature=0)
+
+
+# ----------------------------------------------------------------- sessions
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """The tiny model with room (n_ctx 256) for a few turns of chat."""
+    path = write_tiny_llama(tmp_path_factory.mktemp("long") / "long.gguf", n_ctx=256)
+    return Model.load(path, n_threads=1)
+
+
+def test_session_reuses_the_conversation_and_changes_nothing(long_model):
+    model = long_model
+    kwargs = dict(max_new_tokens=8, temperature=0)
+    session = model.session()
+    messages = [{"role": "system", "content": "be brief"}]
+    cached = []
+    for question in ["hello", "once upon a time", "the end"]:
+        messages.append({"role": "user", "content": question})
+        fresh = model.chat(messages, **kwargs)
+        reused = model.chat(messages, session=session, **kwargs)
+        assert reused == fresh
+        cached.append(model.last_stats["cached_tokens"])
+        prompt = model._chat_ids(messages)
+        assert session.ids[:len(prompt)] == prompt             # then the reply's ids
+        assert len(session.ids) == session.state.n_past >= len(prompt)
+        messages.append({"role": "assistant", "content": reused})
+    assert cached[0] == 0 and cached[1] > 10 and cached[2] > cached[1]
+
+
+def test_session_after_an_interrupted_stream(model):
+    session = model.session()
+    prompt = "the quick brown fox"
+    stream = model.stream(prompt, max_new_tokens=20, temperature=0, session=session)
+    next(stream)
+    next(stream)
+    stream.close()
+    assert session.state.n_past == len(session.ids)
+    # a different prompt sharing the first tokens: same as without the session
+    other = "the quick brown dog"
+    assert model.generate(other, max_new_tokens=12, temperature=0, session=session) == \
+        model.generate(other, max_new_tokens=12, temperature=0)
+    # the same prompt again: all but its last token come from the cache
+    model.generate(other, max_new_tokens=3, temperature=0, session=session)
+    assert model.last_stats["cached_tokens"] == len(model.encode(other)) - 1
+
+
+def test_session_of_another_model(model, tiny_path):
+    other = Model.load(tiny_path, n_threads=1)
+    with pytest.raises(GenerationError, match="another Model"):
+        model.generate("x", session=other.session())
