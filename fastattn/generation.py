@@ -23,6 +23,11 @@ Threads.  Each generate / stream / chat / score call builds its own State (KV
 cache) and Sampler; the Transformer is read-only, so several Python threads
 may call one Model at once and each call gives what it gives alone.
 `last_stats` is kept per thread: a thread sees the stats of its own last call.
+
+Sessions.  `model.session()` is a KV cache that outlives one call: pass it as
+session= and a call computes only the tokens after the longest prefix it
+shares with the previous call (a chat's earlier turns).  The result is the same
+as without it.  A session serves one conversation in one thread at a time.
 """
 import logging
 import math
