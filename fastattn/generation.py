@@ -486,6 +486,9 @@ class Model:
         if len(ids) < 2:
             raise GenerationError(f"score needs at least 2 tokens (context + one scored), "
                                   f"the text gives {len(ids)}")
+        # Shortcoming: no sliding window.  A text longer than the context is
+        # refused rather than scored in pieces, so `fastattn score` cannot
+        # measure the perplexity of a long document in one call.
         if len(ids) > self.n_ctx:
             raise ContextOverflowError(f"the text is {len(ids)} tokens, longer than the "
                                        f"context (n_ctx) of {self.n_ctx}; score shorter "
