@@ -36,7 +36,7 @@ def random_lab(name, seed=0, **overrides):
     family = kw.pop("family")
     kw.update(overrides)
     config = random_config(family, **kw)
-    return lab.Lab(config, random_weights(config, seed=seed))
+    return lab.Lab(config, random_weights(config, seed=seed), engine_threads=1)
 
 
 # --------------------------------------------------------- the loop itself
