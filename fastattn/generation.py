@@ -17,7 +17,8 @@ When generation stops.  At whichever comes first:
              no room for a single new token (len(prompt) >= n_ctx) raises
              ContextOverflowError.
 `model.last_stats["stopped"]` says which, with the timings of the call
-("interrupted" if the caller closed a stream before it ended).
+("interrupted" if the caller closed a stream before it ended, or Ctrl-C
+came in the middle of it).
 
 Threads.  Each generate / stream / chat / score call builds its own State (KV
 cache) and Sampler; the Transformer is read-only, so several Python threads
@@ -465,8 +466,8 @@ class Model:
                     text += matcher.flush()
                 if text:
                     yield text
-        except GeneratorExit:
-            stats["stopped"] = "interrupted"      # the caller stopped reading
+        except (GeneratorExit, KeyboardInterrupt):
+            stats["stopped"] = "interrupted"      # the caller stopped reading, or Ctrl-C
             raise
         finally:
             if session is not None:
