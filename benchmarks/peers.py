@@ -90,15 +90,16 @@ def fastattn_runner(spec, f32=False):
 # ----------------------------------------------------------------- llama.cpp
 
 
-def llamacpp_runner(spec):
+def llamacpp_runner(spec, flash=False):
     """llama-cpp-python over the same GGUF file: Llama.eval on token ids and
-    argmax of the last row of logits read straight from the context."""
+    argmax of the last row of logits read straight from the context.  flash
+    turns on llama.cpp's fused attention (off by default in llama-cpp-python;
+    llama.cpp's own tools choose it automatically on CPUs)."""
     import llama_cpp
     from llama_cpp import Llama
 
     n_need = max(w["n_prompt"] + w["n_gen"] for w in spec["workloads"])
     n_batch = max(512, max(w["n_prompt"] for w in spec["workloads"]))
-    flash = spec.get("options", {}).get("llama_flash_attn", True)
     llm = Llama(model_path=spec["model"], n_ctx=n_need, n_batch=n_batch, n_ubatch=n_batch,
                 n_threads=spec["threads"], n_threads_batch=spec["threads"],
                 flash_attn=flash, logits_all=False, verbose=False)
@@ -247,6 +248,7 @@ RUNNERS = {
     "fastattn": lambda spec: fastattn_runner(spec),
     "fastattn-f32": lambda spec: fastattn_runner(spec, f32=True),
     "llama.cpp": llamacpp_runner,
+    "llama.cpp-fa": lambda spec: llamacpp_runner(spec, flash=True),
     "transformers": transformers_runner,
     "ctranslate2": lambda spec: ctranslate2_runner(spec),
     "ctranslate2-int8": lambda spec: ctranslate2_runner(spec, int8=True),

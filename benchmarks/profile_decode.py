@@ -1,8 +1,12 @@
 """Run fastattn's decode in a loop long enough for a sampling profiler.
 
-    perf record -e cpu-clock -F 2000 -g -o perf.data -- \\
-        python benchmarks/profile_decode.py --tokens 256
+    mkfifo /tmp/perf.ctl
+    perf record -e cpu-clock -F 4000 --control fifo:/tmp/perf.ctl --delay=-1 \\
+        -o perf.data -- python benchmarks/profile_decode.py --perf-ctl /tmp/perf.ctl
     perf report -i perf.data --no-children --sort dso,symbol
+
+With --perf-ctl the script turns perf's sampling on just before the timed
+loop and off after it, so loading and the prompt stay out of the profile.
 
 Prefills --prompt-tokens tokens of the benchmark prompt, then decodes
 --tokens tokens greedily (restarting from the prompt whenever the state is
@@ -29,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--phase", choices=["decode", "prefill"], default="decode")
     ap.add_argument("--f32", action="store_true", help="float32 copy of the weights")
+    ap.add_argument("--perf-ctl", help="perf's --control fifo: sample only the timed loop")
     args = ap.parse_args(argv)
 
     from compare import build_prompt, resolve_model
@@ -45,18 +50,26 @@ def main(argv=None):
     n_gen = 128
     state = model.new_state(len(ids) + n_gen)
 
+    def perf(command):
+        if args.perf_ctl:
+            with open(args.perf_ctl, "w") as f:
+                f.write(command + "\n")
+
     if args.phase == "prefill":
+        perf("enable")
         t = time.perf_counter()
         for _ in range(args.tokens):
             state.reset()
             model.prefill(state, ids)
         dt = time.perf_counter() - t
+        perf("disable")
         print(f"prefill {len(ids)} tokens x {args.tokens}: "
               f"{len(ids) * args.tokens / dt:.1f} tok/s")
         return 0
 
     token = int(np.argmax(model.prefill(state, ids)))
     done, spent = 0, 0.0
+    perf("enable")
     while done < args.tokens:
         if state.n_past == state.n_ctx:
             state.rewind(len(ids))
@@ -64,6 +77,7 @@ def main(argv=None):
         token = int(np.argmax(model.decode(state, token)))
         spent += time.perf_counter() - t
         done += 1
+    perf("disable")
     print(f"decode {done} tokens after a {len(ids)}-token prompt: {done / spent:.1f} tok/s")
     return 0
 
