@@ -29,6 +29,7 @@ Loading goes in four steps:
   4. _read_weights  checks each tensor's shape against the config and makes a
                     read-only view of its bytes in the mapped file.
 """
+import errno
 import inspect
 import logging
 import math
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import FastAttnError, ModelFileError, UnsupportedError
+from ..errors import FastAttnError, ModelFileError, OutOfMemoryError, UnsupportedError
 from ..weights import TYPES, WeightTensor, row_bytes, type_name
 from . import LoadedModel
 
@@ -384,14 +385,26 @@ def _reader_class():
 _READER = None
 
 
+def _no_room(path, size):
+    """The error for a file that cannot be mapped for want of memory."""
+    return OutOfMemoryError(f"{path}: cannot map the file: its {size} bytes "
+                            f"({size / 2**20:.1f} MiB) do not fit in the memory "
+                            f"(address space) left to this process")
+
+
 def _open_reader(path, layout):
     global _READER
     if _READER is None:
         _READER = _reader_class()
     try:
         reader = _READER(path)
-    except FastAttnError:
-        raise
+    except (FastAttnError, MemoryError):
+        raise       # MemoryError: load_model_files says how big the file is
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise _no_room(path, layout.file_size) from None
+        raise ModelFileError(f"{path}: the gguf package could not read the file: "
+                             f"{type(e).__name__}: {e}") from e
     except Exception as e:  # MemoryError, IndexError, struct errors, ...
         raise ModelFileError(f"{path}: the gguf package could not read the file: "
                              f"{type(e).__name__}: {e}") from e
@@ -800,6 +813,8 @@ def load_gguf(path) -> LoadedModel:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 layout = scan_layout(buf, path)
     except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise _no_room(path, size) from None
         raise ModelFileError(f"{path}: cannot read: {e.strerror or e}") from e
 
     reader = _open_reader(path, layout)
