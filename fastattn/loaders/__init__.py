@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..config import ModelConfig
-from ..errors import ModelFileError
+from ..errors import ModelFileError, OutOfMemoryError
 from ..weights import WeightTensor
 
 
@@ -40,8 +40,27 @@ def load_model_files(path) -> LoadedModel:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelFileError(f"{path}: no such file or folder")
+    try:
+        if os.path.isdir(path):
+            from .hf import load_hf_folder
+            return load_hf_folder(path)
+        from .gguf import load_gguf
+        return load_gguf(path)
+    except OutOfMemoryError:
+        raise
+    except MemoryError:
+        pass
+    # Python ran out of memory somewhere in reading the metadata.  Out here the
+    # failed load's frames are gone, and their memory with them: say how much
+    # the files take (the weights stay mapped, not copied).
+    size = _size_of(path)
+    raise OutOfMemoryError(f"{path}: out of memory while loading the model: the files "
+                           f"hold {size} bytes ({size / 2**20:.1f} MiB), mapped, plus "
+                           f"the metadata read from them")
+
+
+def _size_of(path):
     if os.path.isdir(path):
-        from .hf import load_hf_folder
-        return load_hf_folder(path)
-    from .gguf import load_gguf
-    return load_gguf(path)
+        return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, name)))
+    return os.path.getsize(path)
