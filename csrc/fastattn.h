@@ -113,4 +113,21 @@ void fa_parallel_attention(const float *q, const float *k, const float *v, float
                            int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
                            int head_dim, int64_t n_ctx, int n_threads);
 
+/* Opt-in "q8 activations" products (csrc/quant_act.c): for Q4_0, Q4_1 and
+ * Q8_0 weights x is rounded to 8-bit blocks (a float scale per 32 values) and
+ * the products are integer dot products.  Not exact: results differ from
+ * fa_matmul by the rounding of x.  Other weight types take fa_matmul.
+ * fa_matmul_act(FA_ACT_F32, ...) is fa_matmul. */
+enum fa_act { FA_ACT_F32 = 0, FA_ACT_Q8 = 1 };
+int fa_act_q8_supports(int type);
+void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq,
+                  int ith, int nth);
+void fa_matmul_act(int act, const fa_weight *w, const float *x, float *y,
+                   int64_t n_seq, int ith, int nth);
+void fa_parallel_matmul_act(int act, const fa_weight *w, const float *x, float *y,
+                            int64_t n_seq, int n_threads);
+/* x [n] -> q [n] int8, d [n / 32] scales, s [n / 32] = d * sum of the block's q;
+ * n a positive multiple of 32. */
+void fa_quantize_act_q8(const float *x, int64_t n, int8_t *q, float *d, float *s);
+
 #endif

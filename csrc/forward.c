@@ -328,14 +328,14 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
 
         /* attention: q, k, v; positions; cache; softmax(q k^T / sqrt(hd)) v */
         if (gpt2) {
-            fa_matmul(&L->attn_qkv, s->xn, s->qkv, n, ith, nth);   /* -> [n, 3E] */
+            fa_matmul_act(m->act, &L->attn_qkv, s->xn, s->qkv, n, ith, nth);   /* -> [n, 3E] */
             BARRIER
             split_qkv_rows(m, L, s, k_cache, v_cache, pos0, t0, t1);
         } else {
             float *k = s->qkv, *v = s->qkv + s->max_chunk * Ekv;
-            fa_matmul(&L->attn_q, s->xn, s->q, n, ith, nth);        /* -> [n, E] */
-            fa_matmul(&L->attn_k, s->xn, k, n, ith, nth);           /* -> [n, Ekv] */
-            fa_matmul(&L->attn_v, s->xn, v, n, ith, nth);           /* -> [n, Ekv] */
+            fa_matmul_act(m->act, &L->attn_q, s->xn, s->q, n, ith, nth);        /* -> [n, E] */
+            fa_matmul_act(m->act, &L->attn_k, s->xn, k, n, ith, nth);           /* -> [n, Ekv] */
+            fa_matmul_act(m->act, &L->attn_v, s->xn, v, n, ith, nth);           /* -> [n, Ekv] */
             BARRIER
             rope_store_rows(m, L, s, k, v, k_cache, v_cache, pos0, t0, t1);
         }
@@ -344,7 +344,7 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
                      (int)m->n_kv_head, (int)m->head_dim, s->n_ctx, s->att_scratch,
                      ith, nth);                                       /* -> [n, E] */
         BARRIER
-        fa_matmul(&L->attn_output, s->att, s->xn, n, ith, nth);     /* -> [n, E] */
+        fa_matmul_act(m->act, &L->attn_output, s->att, s->xn, n, ith, nth);     /* -> [n, E] */
         BARRIER
 
         /* residual, then the MLP's norm */
@@ -353,8 +353,8 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
         BARRIER
 
         /* MLP: gpt2 down(gelu(up h)), llama down(silu(gate h) * up h) */
-        fa_matmul(&L->ffn_up, s->xn, s->ffn_a, n, ith, nth);        /* -> [n, F] */
-        if (!gpt2) fa_matmul(&L->ffn_gate, s->xn, s->ffn_b, n, ith, nth);
+        fa_matmul_act(m->act, &L->ffn_up, s->xn, s->ffn_a, n, ith, nth);        /* -> [n, F] */
+        if (!gpt2) fa_matmul_act(m->act, &L->ffn_gate, s->xn, s->ffn_b, n, ith, nth);
         BARRIER
         add_bias_range(s->ffn_a, L->ffn_up_b, F, f0, f1);
         add_bias_range(s->ffn_b, L->ffn_gate_b, F, f0, f1);
@@ -365,7 +365,7 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
         }
         BARRIER
         float *h = gpt2 ? s->ffn_a : s->ffn_b;
-        fa_matmul(&L->ffn_down, h, s->xn, n, ith, nth);             /* -> [n, E] */
+        fa_matmul_act(m->act, &L->ffn_down, h, s->xn, n, ith, nth);             /* -> [n, E] */
         BARRIER
 
         /* residual, then the next norm: the next block's, or the final one */
@@ -382,9 +382,9 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
     /* output head */
     if (want_logits) {
         if (all_rows)
-            fa_matmul(&m->output, s->xn, logits, n, ith, nth);      /* -> [n, n_vocab] */
+            fa_matmul_act(m->act, &m->output, s->xn, logits, n, ith, nth);      /* -> [n, n_vocab] */
         else
-            fa_matmul(&m->output, s->xn + (n - 1) * E, logits, 1, ith, nth);
+            fa_matmul_act(m->act, &m->output, s->xn + (n - 1) * E, logits, 1, ith, nth);
         BARRIER
     }
 }

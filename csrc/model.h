@@ -63,6 +63,7 @@ typedef struct {
     fa_weight output;          /* [n_vocab, n_embd]; a copy of token_embd when tied */
     const float *output_norm_w, *output_norm_b;
     fa_layer *layers;          /* [n_layer] */
+    int act;                   /* enum fa_act: FA_ACT_F32 (exact, default) or FA_ACT_Q8 */
 } fa_model;
 
 typedef struct {

@@ -68,6 +68,7 @@ cdef extern from "model.h" nogil:
         const float *output_norm_w
         const float *output_norm_b
         fa_layer *layers
+        int act
 
     ctypedef struct fa_state:
         int64_t n_ctx
@@ -104,7 +105,7 @@ cdef class Model:
         self.layers = NULL
         self.keep = []
 
-    def __init__(self, config, dict matrices, dict vectors):
+    def __init__(self, config, dict matrices, dict vectors, int act=0):
         cdef fa_model *m = &self.m
         cdef fa_layer *L
         cdef int64_t E = config.n_embd, F = config.n_ff
@@ -125,6 +126,7 @@ cdef class Model:
         m.norm_eps = config.norm_eps
         m.rope_theta = config.rope_theta
         m.rope_neox = 1 if config.rope_neox else 0
+        m.act = act  # 0 exact float products, 1 q8 activations (csrc/quant_act.c)
 
         self.layers = <fa_layer *>calloc(config.n_layer, sizeof(fa_layer))
         if self.layers == NULL:

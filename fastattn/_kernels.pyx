@@ -22,7 +22,7 @@ import numpy as np
 cimport numpy as cnp
 cimport openmp
 from cython.parallel cimport parallel
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int8_t, int64_t, uint8_t
 
 from .errors import UnsupportedError
 from .weights import TYPES, type_name
@@ -60,6 +60,10 @@ cdef extern from "fastattn.h" nogil:
                       int head_dim, int64_t n_ctx, float *scratch, int ith, int nth)
     void fa_parallel_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                             int n_threads)
+    int fa_act_q8_supports(int type)
+    void fa_parallel_matmul_act(int act, const fa_weight *w, const float *x, float *y,
+                                int64_t n_seq, int n_threads)
+    void fa_quantize_act_q8(const float *x, int64_t n, int8_t *q, float *d, float *s)
 
 SIMD_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
 
@@ -177,6 +181,48 @@ def matmul(w, x, n_threads=None):
     with nogil:
         fa_parallel_matmul(&wt.w, px, py, n_seq, nt)
     return y[0] if squeeze else y
+
+
+def matmul_q8(w, x, n_threads=None):
+    """matmul with "q8 activations" (csrc/quant_act.c): x rounded to 8-bit
+    blocks, integer dot products.  Q4_0 / Q4_1 / Q8_0 weights only."""
+    cdef _Weight wt = _Weight(w)
+    if not fa_act_q8_supports(wt.w.type):
+        raise ValueError(f"{wt.name}: q8 activations take Q4_0, Q4_1 or Q8_0 weights, "
+                         f"got {type_name(wt.w.type)}")
+    cdef int nt = _threads(n_threads)
+    squeeze = isinstance(x, np.ndarray) and x.ndim == 1
+    cdef cnp.ndarray xa = _f32(x[None, :] if squeeze else x, "x", 2)
+    if xa.shape[1] != wt.w.n_in:
+        raise ValueError(f"x: has {xa.shape[1]} columns, {wt.name} has n_in = {wt.w.n_in}")
+    if xa.shape[0] < 1:
+        raise ValueError("x: needs at least one row (n_seq >= 1)")
+    cdef int64_t n_seq = xa.shape[0]
+    cdef cnp.ndarray y = np.empty((n_seq, wt.w.n_out), dtype=np.float32)
+    cdef const float *px = <const float *>cnp.PyArray_DATA(xa)
+    cdef float *py = <float *>cnp.PyArray_DATA(y)
+    with nogil:
+        fa_parallel_matmul_act(1, &wt.w, px, py, n_seq, nt)
+    return y[0] if squeeze else y
+
+
+def quantize_act_q8(x):
+    """x [n] float32, n a multiple of 32 -> (q int8 [n], d float32 [n/32],
+    s float32 [n/32]): the activation rounding matmul_q8 applies to each row."""
+    cdef cnp.ndarray xa = _f32(x, "x", 1)
+    cdef int64_t n = xa.shape[0]
+    if n < 32 or n % 32:
+        raise ValueError(f"x: length must be a positive multiple of 32, got {n}")
+    cdef cnp.ndarray q = np.empty(n, dtype=np.int8)
+    cdef cnp.ndarray d = np.empty(n // 32, dtype=np.float32)
+    cdef cnp.ndarray s = np.empty(n // 32, dtype=np.float32)
+    cdef const float *px = <const float *>cnp.PyArray_DATA(xa)
+    cdef int8_t *pq = <int8_t *>cnp.PyArray_DATA(q)
+    cdef float *pd = <float *>cnp.PyArray_DATA(d)
+    cdef float *ps = <float *>cnp.PyArray_DATA(s)
+    with nogil:
+        fa_quantize_act_q8(px, n, pq, pd, ps)
+    return q, d, s
 
 
 def dequant_row(w, row):

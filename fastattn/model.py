@@ -133,13 +133,24 @@ class Transformer:
                form, 1-D norms and biases become float32 arrays
     n_threads: OpenMP threads per forward call (default os.cpu_count());
                may be changed later by setting the attribute
+    activations: "f32" (default) multiplies every weight by float32
+               activations, exactly; "q8" rounds the activations to 8-bit
+               blocks for Q4_0 / Q4_1 / Q8_0 weights and uses integer dot
+               products: faster, not exact (see csrc/quant_act.c)
     """
 
-    def __init__(self, config: ModelConfig, weights: dict, n_threads=None):
+    ACTIVATIONS = {"f32": 0, "q8": 1}
+
+    def __init__(self, config: ModelConfig, weights: dict, n_threads=None,
+                 activations="f32"):
         from . import _engine  # the compiled core; imported here so that
                                # loaders and the reference work without it
+        if activations not in self.ACTIVATIONS:
+            raise ValueError(f"activations must be one of {sorted(self.ACTIVATIONS)}, "
+                             f"got {activations!r}")
         config.validate()
         check_weights(config, weights)
+        self.activations = activations
         self.config = config
         self.n_threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
 
@@ -149,7 +160,8 @@ class Transformer:
                 vectors[name] = np.ascontiguousarray(t.to_float(), dtype=np.float32)
             else:
                 matrices[name] = t
-        self._engine = _engine.Model(config, matrices, vectors)
+        self._engine = _engine.Model(config, matrices, vectors,
+                                     self.ACTIVATIONS[activations])
         log.debug("model: %s", ", ".join(f"{k} = {v}" for k, v in config.describe()))
 
     # ------------------------------------------------------------------ threads
