@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(run=cmd_download)
 
+    from .lab import add_verify_parser
+    add_verify_parser(commands)
+
     p = commands.add_parser("info", help="print a model's configuration and tensor types")
     p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or Hugging Face folder")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every tensor")
