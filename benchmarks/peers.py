@@ -124,7 +124,8 @@ def llamacpp_runner(spec, flash=False):
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, out
 
-    info = {"version": llama_cpp.__version__, "flash_attn": bool(flash),
+    info = {"version": f"llama-cpp-python {llama_cpp.__version__}",
+            "flash_attn": bool(flash),
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace"),
             "weights": "file (Q4_1 blocks)", "_keepalive": llm}
     return info, generate
@@ -172,7 +173,8 @@ def transformers_runner(spec):
         t1 = clock.times[1] if len(clock.times) > 1 else t2
         return t1 - t0, t2 - t1, out
 
-    info = {"version": f"transformers {transformers.__version__}, torch {torch.__version__}",
+    info = {"version": f"transformers {transformers.__version__}, "
+                       f"torch {torch.__version__}",
             "weights": "float32 (dequantized from the GGUF)",
             "attn": getattr(model.config, "_attn_implementation", "?")}
     return info, generate
