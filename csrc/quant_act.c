@@ -12,9 +12,12 @@
  * Dot of a weight row (integer values wq, scale dw, for Q4_1 a min mw) with it,
  * the same operations at every SIMD level, so all levels agree bit for bit:
  *   p[b][k]  = sum_{j = 4k .. 4k+3} wq[32 b + j] q[32 b + j]   k < 8, exact int32
- *   acc[b % 2][k] += (dw d[b]) * (float)p[b][k]                 a multiply, then an add
- *   m        += mw s[b]                                         Q4_1 only, blocks in order
- *   y = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + m,  a[k] = acc[0][k] + acc[1][k]
+ *   acc[b % 4][k] += (dw d[b]) * (float)p[b][k]                 a multiply, then an add
+ *   m[b % 4]      += mw s[b]                                    Q4_1 only
+ *   a[k] = (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])
+ *   y = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + ((m0 + m1) + (m2 + m3))
+ * Four chains rather than one: a row is too long for the CPU to overlap one
+ * row's additions with the next row's, so a single chain's latency bounds it.
  * The file is compiled with floating-point contraction off so no multiply and
  * add pair is fused into an FMA at one level and not at another.
  *
@@ -50,11 +53,13 @@ typedef struct {
 typedef void (*q8_dot_fn)(const uint8_t *w, const q8_row *x, int64_t nb, float *y);
 typedef void (*q8_quant_fn)(const float *x, int64_t nb, q8_row *out);
 
-/* Sum the two accumulator sets in the documented order. */
-static inline float q8_finish(const float *a0, const float *a1, float m) {
+/* Sum the four accumulator sets in the documented order. */
+static inline float q8_finish(const float *a0, const float *a1, const float *a2,
+                              const float *a3, const float *m) {
     float a[8];
-    for (int k = 0; k < 8; k++) a[k] = a0[k] + a1[k];
-    return (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + m;
+    for (int k = 0; k < 8; k++) a[k] = (a0[k] + a1[k]) + (a2[k] + a3[k]);
+    return (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
+           + ((m[0] + m[1]) + (m[2] + m[3]));
 }
 
 /* ------------------------------------------------------------- generic */
@@ -104,8 +109,8 @@ static inline void generic_wblock(int type, const uint8_t *w, int64_t b, int8_t 
 
 static inline void generic_dot(int type, const uint8_t *w, const q8_row *x, int64_t nb,
                                float *y) {
-    float acc[2][8] = {{0}};
-    float m = 0.0f;
+    float acc[4][8] = {{0}};
+    float m[4] = {0};
     int8_t v[FA_QK];
     for (int64_t b = 0; b < nb; b++) {
         float dw, mw;
@@ -116,14 +121,14 @@ static inline void generic_dot(int type, const uint8_t *w, const q8_row *x, int6
             int p = 0;
             for (int j = 4 * k; j < 4 * k + 4; j++) p += (int)v[j] * (int)q[j];
             float t = dd * (float)p;
-            acc[b & 1][k] = acc[b & 1][k] + t;
+            acc[b & 3][k] = acc[b & 3][k] + t;
         }
         if (type == FA_Q4_1) {
             float t = mw * x->s[b];
-            m = m + t;
+            m[b & 3] = m[b & 3] + t;
         }
     }
-    *y = q8_finish(acc[0], acc[1], m);
+    *y = q8_finish(acc[0], acc[1], acc[2], acc[3], m);
 }
 
 static void generic_dot_q8_0(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
@@ -169,8 +174,9 @@ static void generic_dot_q4_1(const uint8_t *w, const q8_row *x, int64_t nb, floa
 
 /* One dot kernel body; PDOT(wv, xv) gives the 8 int32 group sums. */
 #define Q8_DOT_BODY(type, PDOT)                                                        \
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                     \
-    float m = 0.0f;                                                                    \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),    \
+                     _mm256_setzero_ps()};                                             \
+    float m[4] = {0};                                                                  \
     for (int64_t b = 0; b < nb; b++) {                                                 \
         float dw, mw = 0.0f;                                                           \
         __m256i wv;                                                                    \
@@ -178,17 +184,15 @@ static void generic_dot_q4_1(const uint8_t *w, const q8_row *x, int64_t nb, floa
         __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + b * FA_QK));          \
         __m256 pf = _mm256_cvtepi32_ps(PDOT(wv, xv));                                  \
         __m256 t = _mm256_mul_ps(_mm256_set1_ps(dw * x->d[b]), pf);                    \
-        if (b & 1) acc1 = _mm256_add_ps(acc1, t);                                      \
-        else acc0 = _mm256_add_ps(acc0, t);                                            \
+        acc[b & 3] = _mm256_add_ps(acc[b & 3], t);                                     \
         if (type == FA_Q4_1) {                                                         \
             float tm = mw * x->s[b];                                                   \
-            m = m + tm;                                                                \
+            m[b & 3] = m[b & 3] + tm;                                                  \
         }                                                                              \
     }                                                                                  \
-    float a0[8], a1[8];                                                                \
-    _mm256_storeu_ps(a0, acc0);                                                        \
-    _mm256_storeu_ps(a1, acc1);                                                        \
-    *y = q8_finish(a0, a1, m);
+    float a[4][8];                                                                     \
+    for (int j = 0; j < 4; j++) _mm256_storeu_ps(a[j], acc[j]);                        \
+    *y = q8_finish(a[0], a[1], a[2], a[3], m);
 
 /* AVX2: maddubs takes unsigned x signed bytes; for signed weights the sign
  * moves onto x (|w| <= 128, |q| <= 127, so pairs stay within int16). */
@@ -217,32 +221,71 @@ INLV __m512 vnni_pair_scale(float d0, float d1) {
                               _mm256_set1_ps(d1), 1);
 }
 
-INLV void vnni_pair_finish(__m512 acc, __m256 tail, int has_tail, float m, float *y) {
-    float a0[8], a1[8];
-    __m256 lo = _mm512_castps512_ps256(acc);
-    if (has_tail) lo = _mm256_add_ps(lo, tail);  /* the last, even block */
-    _mm256_storeu_ps(a0, lo);
-    _mm256_storeu_ps(a1, _mm512_extractf32x8_ps(acc, 1));
-    *y = q8_finish(a0, a1, m);
+/* acc[0] holds the pairs starting at b % 4 = 0 (blocks 0 and 1 mod 4),
+ * acc[1] those at b % 4 = 2; tail, if any, is the last block, even, which
+ * belongs to the low half of acc[tb / 2] for tb = its index mod 4. */
+INLV void vnni_pair_finish(const __m512 *acc, __m256 tail, int64_t tb, const float *m,
+                           float *y) {
+    float a[4][8];
+    __m256 lo0 = _mm512_castps512_ps256(acc[0]), lo2 = _mm512_castps512_ps256(acc[1]);
+    if (tb == 0) lo0 = _mm256_add_ps(lo0, tail);
+    if (tb == 2) lo2 = _mm256_add_ps(lo2, tail);
+    _mm256_storeu_ps(a[0], lo0);
+    _mm256_storeu_ps(a[1], _mm512_extractf32x8_ps(acc[0], 1));
+    _mm256_storeu_ps(a[2], lo2);
+    _mm256_storeu_ps(a[3], _mm512_extractf32x8_ps(acc[1], 1));
+    *y = q8_finish(a[0], a[1], a[2], a[3], m);
 }
 
+/* Blocks b and b + 1 of a Q8_0 row against x: their 16 scaled group sums. */
+INLV __m512 vnni_pair_q8_0(const uint8_t *w, const q8_row *x, int64_t b) {
+    const uint8_t *p0 = w + b * FA_Q8_0_BYTES, *p1 = p0 + FA_Q8_0_BYTES;
+    __m512i wv = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
+        _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
+    __m512i xv = _mm512_loadu_si512((const void *)(x->q + b * FA_QK));
+    /* |w| as unsigned, the sign of w moved onto x (|q| <= 127) */
+    __mmask64 neg = _mm512_movepi8_mask(wv);
+    xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+    __m512i pi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xv);
+    float d0 = fa_f16_table[fa_read_u16(p0)] * x->d[b];
+    float d1 = fa_f16_table[fa_read_u16(p1)] * x->d[b + 1];
+    return _mm512_mul_ps(vnni_pair_scale(d0, d1), _mm512_cvtepi32_ps(pi));
+}
+
+/* The same for Q4_1, with the blocks' min terms in *u0, *u1. */
+INLV __m512 vnni_pair_q4_1(const uint8_t *w, const q8_row *x, int64_t b, float *u0,
+                           float *u1) {
+    /* [qs0, qs0, qs1, qs1] >> [0, 4, 0, 4] per 128 bits, & 15:
+     * [lo0, hi0, lo1, hi1] = values 0..31 of block b, then of block b + 1 */
+    const __m512i shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
+    const uint8_t *p0 = w + b * FA_Q4_1_BYTES, *p1 = p0 + FA_Q4_1_BYTES;
+    __m512i qs = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(
+            _mm_loadu_si128((const __m128i *)(p0 + 4)))),
+        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p1 + 4))), 1);
+    __m512i wv = _mm512_and_si512(_mm512_srlv_epi64(qs, shifts), _mm512_set1_epi8(0x0f));
+    __m512i xv = _mm512_loadu_si512((const void *)(x->q + b * FA_QK));
+    __m512i pi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+    float d0 = fa_f16_table[fa_read_u16(p0)] * x->d[b];
+    float d1 = fa_f16_table[fa_read_u16(p1)] * x->d[b + 1];
+    *u0 = fa_f16_table[fa_read_u16(p0 + 2)] * x->s[b];
+    *u1 = fa_f16_table[fa_read_u16(p1 + 2)] * x->s[b + 1];
+    return _mm512_mul_ps(vnni_pair_scale(d0, d1), _mm512_cvtepi32_ps(pi));
+}
+
+/* Four blocks per iteration so every accumulator index is a constant (an
+ * indexed array of accumulators would live in memory). */
 TVNNI static void vnni_dot_q8_0(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const uint8_t *p0 = w + b * FA_Q8_0_BYTES, *p1 = p0 + FA_Q8_0_BYTES;
-        __m512i wv = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
-            _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
-        __m512i xv = _mm512_loadu_si512((const void *)(x->q + b * FA_QK));
-        /* |w| as unsigned, the sign of w moved onto x (|q| <= 127) */
-        __mmask64 neg = _mm512_movepi8_mask(wv);
-        xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-        __m512i pi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xv);
-        float d0 = fa_f16_table[fa_read_u16(p0)] * x->d[b];
-        float d1 = fa_f16_table[fa_read_u16(p1)] * x->d[b + 1];
-        __m512 t = _mm512_mul_ps(vnni_pair_scale(d0, d1), _mm512_cvtepi32_ps(pi));
-        acc = _mm512_add_ps(acc, t);
+    for (; b + 4 <= nb; b += 4) {
+        acc0 = _mm512_add_ps(acc0, vnni_pair_q8_0(w, x, b));
+        acc1 = _mm512_add_ps(acc1, vnni_pair_q8_0(w, x, b + 2));
+    }
+    if (b + 2 <= nb) {
+        acc0 = _mm512_add_ps(acc0, vnni_pair_q8_0(w, x, b));
+        b += 2;
     }
     __m256 tail = _mm256_setzero_ps();
     if (b < nb) {
@@ -252,36 +295,30 @@ TVNNI static void vnni_dot_q8_0(const uint8_t *w, const q8_row *x, int64_t nb, f
         __m256 pf = _mm256_cvtepi32_ps(PDOT_VNNI_S(wv, xv));
         tail = _mm256_mul_ps(_mm256_set1_ps(fa_f16_table[fa_read_u16(p0)] * x->d[b]), pf);
     }
-    vnni_pair_finish(acc, tail, b < nb, 0.0f, y);
+    const __m512 acc[2] = {acc0, acc1};
+    const float m[4] = {0};
+    vnni_pair_finish(acc, tail, b < nb ? (b & 3) : -1, m, y);
 }
 TVNNI static void vnni_dot_q4_0(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
     Q8_DOT_BODY(FA_Q4_0, PDOT_VNNI_S)
 }
 TVNNI static void vnni_dot_q4_1(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    __m512 acc = _mm512_setzero_ps();
-    float m = 0.0f;
-    /* [qs0, qs0, qs1, qs1] >> [0, 4, 0, 4] per 128 bits, & 15:
-     * [lo0, hi0, lo1, hi1] = values 0..31 of block b, then of block b + 1 */
-    const __m512i shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
-    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    float m0 = 0.0f, m1 = 0.0f, m2 = 0.0f, m3 = 0.0f, u0, u1, u2, u3;
     int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const uint8_t *p0 = w + b * FA_Q4_1_BYTES, *p1 = p0 + FA_Q4_1_BYTES;
-        __m512i qs = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(
-                _mm_loadu_si128((const __m128i *)(p0 + 4)))),
-            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p1 + 4))), 1);
-        __m512i wv = _mm512_and_si512(_mm512_srlv_epi64(qs, shifts), lo4);
-        __m512i xv = _mm512_loadu_si512((const void *)(x->q + b * FA_QK));
-        __m512i pi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-        float d0 = fa_f16_table[fa_read_u16(p0)] * x->d[b];
-        float d1 = fa_f16_table[fa_read_u16(p1)] * x->d[b + 1];
-        __m512 t = _mm512_mul_ps(vnni_pair_scale(d0, d1), _mm512_cvtepi32_ps(pi));
-        acc = _mm512_add_ps(acc, t);
-        float t0 = fa_f16_table[fa_read_u16(p0 + 2)] * x->s[b];
-        m = m + t0;
-        float t1 = fa_f16_table[fa_read_u16(p1 + 2)] * x->s[b + 1];
-        m = m + t1;
+    for (; b + 4 <= nb; b += 4) {
+        acc0 = _mm512_add_ps(acc0, vnni_pair_q4_1(w, x, b, &u0, &u1));
+        acc1 = _mm512_add_ps(acc1, vnni_pair_q4_1(w, x, b + 2, &u2, &u3));
+        m0 = m0 + u0;
+        m1 = m1 + u1;
+        m2 = m2 + u2;
+        m3 = m3 + u3;
+    }
+    if (b + 2 <= nb) {
+        acc0 = _mm512_add_ps(acc0, vnni_pair_q4_1(w, x, b, &u0, &u1));
+        m0 = m0 + u0;
+        m1 = m1 + u1;
+        b += 2;
     }
     __m256 tail = _mm256_setzero_ps();
     if (b < nb) {
@@ -292,9 +329,12 @@ TVNNI static void vnni_dot_q4_1(const uint8_t *w, const q8_row *x, int64_t nb, f
         __m256 pf = _mm256_cvtepi32_ps(PDOT_VNNI_U(wv, xv));
         tail = _mm256_mul_ps(_mm256_set1_ps(dw * x->d[b]), pf);
         float tm = mw * x->s[b];
-        m = m + tm;
+        if ((b & 3) == 0) m0 = m0 + tm;
+        else m2 = m2 + tm;
     }
-    vnni_pair_finish(acc, tail, b < nb, m, y);
+    const __m512 acc[2] = {acc0, acc1};
+    const float m[4] = {m0, m1, m2, m3};
+    vnni_pair_finish(acc, tail, b < nb ? (b & 3) : -1, m, y);
 }
 
 /* The generic quantizer's numbers, 16 values at a time: the max is exact in

@@ -67,17 +67,18 @@ def np_matmul_q8(w, x):
     q, dx, sx = np_quantize(x)
     n_out, nb, _ = v.shape
     qb = q.astype(np.int32).reshape(nb, 32)
-    acc = np.zeros((2, n_out, 8), f32)
-    m = np.zeros(n_out, f32)
+    acc = np.zeros((4, n_out, 8), f32)
+    m = np.zeros((4, n_out), f32)
     for b in range(nb):
         p = (v[:, b, :] * qb[b]).reshape(n_out, 8, 4).sum(axis=2)  # exact ints
         dd = (dw[:, b] * dx[b]).astype(f32)
-        acc[b & 1] = (acc[b & 1] + (dd[:, None] * p.astype(f32)).astype(f32)).astype(f32)
+        acc[b & 3] = (acc[b & 3] + (dd[:, None] * p.astype(f32)).astype(f32)).astype(f32)
         if w.qtype == W.Q4_1:
-            m = (m + (mw[:, b] * sx[b]).astype(f32)).astype(f32)
-    a = (acc[0] + acc[1]).astype(f32)
-    return (((a[:, 0] + a[:, 1]) + (a[:, 2] + a[:, 3]))
-            + ((a[:, 4] + a[:, 5]) + (a[:, 6] + a[:, 7]))) + m
+            m[b & 3] = (m[b & 3] + (mw[:, b] * sx[b]).astype(f32)).astype(f32)
+    a = (acc[0] + acc[1]) + (acc[2] + acc[3])
+    return ((((a[:, 0] + a[:, 1]) + (a[:, 2] + a[:, 3]))
+             + ((a[:, 4] + a[:, 5]) + (a[:, 6] + a[:, 7])))
+            + ((m[0] + m[1]) + (m[2] + m[3])))
 
 
 def make(rng, qtype, n_out, n_in):
@@ -105,7 +106,7 @@ def test_quantize_matches_numpy(level):
 
 
 @pytest.mark.parametrize("qtype", Q_TYPES)
-@pytest.mark.parametrize("n_out,n_in", [(37, 32), (64, 96), (33, 576)])
+@pytest.mark.parametrize("n_out,n_in", [(37, 32), (64, 96), (20, 160), (33, 576)])
 def test_dot_matches_numpy_model(level, qtype, n_out, n_in):
     rng = np.random.default_rng(n_in + qtype)
     w = make(rng, qtype, n_out, n_in)
