@@ -129,10 +129,15 @@ def availability(peer):
 
 
 def cache_dir_for(model_path):
-    """Converted folders live under ~/.cache/fastattn-bench, one per model file."""
-    st = os.stat(model_path)
+    """Converted folders live under ~/.cache/fastattn-bench, one per model file
+    content (so two copies of a file share them)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
     stem = os.path.splitext(os.path.basename(model_path))[0]
-    return os.path.join(CACHE, f"{stem}-{st.st_size}-{int(st.st_mtime)}")
+    return os.path.join(CACHE, f"{stem}-{digest.hexdigest()[:16]}")
 
 
 def child_env(threads):
