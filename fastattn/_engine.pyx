@@ -209,7 +209,9 @@ cdef class Model:
             if required:
                 raise FastAttnError(f"fastattn: vector {name} is missing")
             return NULL
-        cdef cnp.ndarray a = np.ascontiguousarray(v, dtype=np.float32)
+        # aligned too: a float32 view into a file mapped at an odd offset is
+        # contiguous but not aligned, and C may not load floats from it
+        cdef cnp.ndarray a = np.require(v, dtype=np.float32, requirements="CA")
         if a.ndim != 1 or a.shape[0] != n:
             raise FastAttnError(f"fastattn: vector {name} has shape {np.shape(v)}, "
                                 f"expected ({n},)")
@@ -223,7 +225,7 @@ cdef class Model:
         """
         if state.model is not self:
             raise FastAttnError("fastattn: this state belongs to another model")
-        cdef cnp.ndarray a = np.ascontiguousarray(ids, dtype=np.int32)
+        cdef cnp.ndarray a = np.require(ids, dtype=np.int32, requirements="CA")
         if a.ndim != 1 or a.shape[0] == 0:
             raise TokenizerError(f"ids must be a non-empty 1-D sequence, got shape "
                                  f"{np.shape(ids)}")
