@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads (default: the machine's cores)")
         p.add_argument("-c", "--ctx-size", type=_positive_int, metavar="N",
                        help="context length (default: the model's)")
+        p.add_argument("--activations", choices=["f32", "q8"], default="f32",
+                       help="q8: round activations to 8 bits for quantized weights "
+                            "(faster, not exact; default f32, exact)")
         p.add_argument("-v", "--verbose", action="store_true", help="say more on stderr")
         p.add_argument("-q", "--quiet", action="store_true",
                        help="no model dimensions or timings on stderr")
@@ -182,7 +185,7 @@ def load_model(args):
     from .generation import Model
     # verbose=False: the banner below is the CLI's, the library need not log it too
     model = Model.load(resolve_model(args.model), n_threads=args.threads,
-                       n_ctx=args.ctx_size, verbose=False)
+                       n_ctx=args.ctx_size, verbose=False, activations=args.activations)
     if not args.quiet:
         print_pairs([("model", model.source)] + model.describe())
     return model

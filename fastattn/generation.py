@@ -217,9 +217,11 @@ class Model:
         self._local = threading.local()
 
     @classmethod
-    def load(cls, model=None, n_threads=None, n_ctx=None, verbose=False) -> "Model":
+    def load(cls, model=None, n_threads=None, n_ctx=None, verbose=False,
+             activations="f32") -> "Model":
         """model: a GGUF file, a Hugging Face folder, or None for the default
-        model (downloaded on first use)."""
+        model (downloaded on first use).  activations: "f32" (exact) or "q8"
+        (faster, not exact; see Transformer)."""
         from .loaders import load_model_files
         from .model import Transformer
         from .tokenizer import Tokenizer
@@ -229,7 +231,8 @@ class Model:
             from .download import default_model_path
             model = default_model_path()
         loaded = load_model_files(model)
-        transformer = Transformer(loaded.config, loaded.weights, n_threads=n_threads)
+        transformer = Transformer(loaded.config, loaded.weights, n_threads=n_threads,
+                                  activations=activations)
         tokenizer = Tokenizer.from_loaded(loaded.tokenizer)
         load_s = time.perf_counter() - start
 
@@ -260,6 +263,7 @@ class Model:
         if simd:
             pairs.append(("simd", simd))
         pairs.append(("n_threads", getattr(self.transformer, "n_threads", None)))
+        pairs.append(("activations", getattr(self.transformer, "activations", "f32")))
         return pairs
 
     # ---------------------------------------------------------- stats

@@ -238,11 +238,11 @@ PARAGRAPH = (
 def test_smollm2_q8_divergence(smollm2_path):
     from fastattn.generation import Model
     m = Model.load(smollm2_path, n_threads=2)
+    mq = Model.load(smollm2_path, n_threads=2, activations="q8")
+    assert ("activations", "q8") in mq.describe()
     ids = m.tokenizer.encode(PARAGRAPH)
     exact = m.transformer.forward(ids)
-    q8 = Transformer(m.transformer.config, _weights_of(smollm2_path), n_threads=2,
-                     activations="q8")
-    approx = q8.forward(ids)
+    approx = mq.transformer.forward(ids)
     mx, kl_mean, kl_max = divergence(exact, approx)
     agree = float(np.mean(exact.argmax(-1) == approx.argmax(-1)))
     print(f"\nSmolLM2 q8 vs exact over {len(ids)} tokens: max |dlogit| {mx:.4f}, "
@@ -252,6 +252,11 @@ def test_smollm2_q8_divergence(smollm2_path):
     assert mx < 2.0, mx
 
 
-def _weights_of(path):
-    from fastattn.loaders import load_model_files
-    return load_model_files(path).weights
+def test_cli_flag():
+    from fastattn.cli import build_parser
+    parser = build_parser()
+    for cmd in (["generate", "-p", "hi"], ["chat"], ["score", "f.txt"]):
+        assert parser.parse_args(cmd + ["--activations", "q8"]).activations == "q8"
+        assert parser.parse_args(cmd).activations == "f32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "--activations", "int4"])
