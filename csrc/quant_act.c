@@ -172,26 +172,44 @@ static void generic_dot_q4_1(const uint8_t *w, const q8_row *x, int64_t nb, floa
         }                                                                              \
     } while (0)
 
-/* One dot kernel body; PDOT(wv, xv) gives the 8 int32 group sums. */
-#define Q8_DOT_BODY(type, PDOT)                                                        \
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),    \
-                     _mm256_setzero_ps()};                                             \
-    float m[4] = {0};                                                                  \
-    for (int64_t b = 0; b < nb; b++) {                                                 \
-        float dw, mw = 0.0f;                                                           \
-        __m256i wv;                                                                    \
-        LOAD_WBLOCK(type, w, b, wv, dw, mw);                                           \
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + b * FA_QK));          \
-        __m256 pf = _mm256_cvtepi32_ps(PDOT(wv, xv));                                  \
-        __m256 t = _mm256_mul_ps(_mm256_set1_ps(dw * x->d[b]), pf);                    \
-        acc[b & 3] = _mm256_add_ps(acc[b & 3], t);                                     \
+/* One block into accumulator A and min sum M; PDOT(wv, xv) gives the 8 int32
+ * group sums.  The kernel body takes four blocks per iteration so every
+ * accumulator is named by a constant (an indexed array of them would live in
+ * memory). */
+#define Q8_STEP(type, PDOT, bb, A, M)                                                  \
+    do {                                                                               \
+        float dw_, mw_ = 0.0f;                                                         \
+        __m256i wv_;                                                                   \
+        LOAD_WBLOCK(type, w, bb, wv_, dw_, mw_);                                       \
+        __m256i xv_ = _mm256_loadu_si256((const __m256i *)(x->q + (bb) * FA_QK));      \
+        __m256 pf_ = _mm256_cvtepi32_ps(PDOT(wv_, xv_));                               \
+        A = _mm256_add_ps(A, _mm256_mul_ps(_mm256_set1_ps(dw_ * x->d[bb]), pf_));      \
         if (type == FA_Q4_1) {                                                         \
-            float tm = mw * x->s[b];                                                   \
-            m[b & 3] = m[b & 3] + tm;                                                  \
+            float tm_ = mw_ * x->s[bb];                                                \
+            M = M + tm_;                                                               \
         }                                                                              \
+    } while (0)
+
+#define Q8_DOT_BODY(type, PDOT)                                                        \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                        \
+    float m[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                             \
+    float m0 = 0.0f, m1 = 0.0f, m2 = 0.0f, m3 = 0.0f;                                  \
+    int64_t b = 0;                                                                     \
+    for (; b + 4 <= nb; b += 4) {                                                      \
+        Q8_STEP(type, PDOT, b, a0, m0);                                                \
+        Q8_STEP(type, PDOT, b + 1, a1, m1);                                            \
+        Q8_STEP(type, PDOT, b + 2, a2, m2);                                            \
+        Q8_STEP(type, PDOT, b + 3, a3, m3);                                            \
     }                                                                                  \
+    if (b < nb) Q8_STEP(type, PDOT, b, a0, m0);                                        \
+    if (b + 1 < nb) Q8_STEP(type, PDOT, b + 1, a1, m1);                                \
+    if (b + 2 < nb) Q8_STEP(type, PDOT, b + 2, a2, m2);                                \
     float a[4][8];                                                                     \
-    for (int j = 0; j < 4; j++) _mm256_storeu_ps(a[j], acc[j]);                        \
+    _mm256_storeu_ps(a[0], a0);                                                        \
+    _mm256_storeu_ps(a[1], a1);                                                        \
+    _mm256_storeu_ps(a[2], a2);                                                        \
+    _mm256_storeu_ps(a[3], a3);                                                        \
+    m[0] = m0; m[1] = m1; m[2] = m2; m[3] = m3;                                        \
     *y = q8_finish(a[0], a[1], a[2], a[3], m);
 
 /* AVX2: maddubs takes unsigned x signed bytes; for signed weights the sign
