@@ -247,9 +247,14 @@ def test_smollm2_q8_divergence(smollm2_path):
     agree = float(np.mean(exact.argmax(-1) == approx.argmax(-1)))
     print(f"\nSmolLM2 q8 vs exact over {len(ids)} tokens: max |dlogit| {mx:.4f}, "
           f"KL mean {kl_mean:.2e} max {kl_max:.2e}, greedy agreement {agree:.3f}")
+    # measured: max |dlogit| 1.47, KL mean 3.2e-3, max 1.9e-2, agreement 0.90
+    # (8 of 81 positions, each a near tie: exact top-2 margins 0.006 .. 0.153)
     assert kl_mean < 1e-2 and kl_max < 0.1, (kl_mean, kl_max)
-    assert agree >= 0.9, agree
-    assert mx < 2.0, mx
+    assert agree >= 0.85, agree
+    assert mx < 3.0, mx
+    for i in np.nonzero(exact.argmax(-1) != approx.argmax(-1))[0]:
+        top2 = np.sort(exact[i])[-2:]
+        assert top2[1] - top2[0] < 0.5, (i, top2)  # only near ties flip
 
 
 def test_cli_flag():
