@@ -77,6 +77,33 @@ def test_gemv(benchmark, level, qtype, n_out, n_in):
            f"gemv {W.type_name(qtype)} {n_out}x{n_in} {level} x{N_THREADS}")
 
 
+Q8_TYPES = [W.Q8_0, W.Q4_0, W.Q4_1]
+
+
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=W.type_name)
+@pytest.mark.parametrize("n_out,n_in", [(576, 1536), (1536, 576), (49152, 576)])
+def test_gemv_q8(benchmark, level, qtype, n_out, n_in):
+    """The opt-in "q8 activations" product (csrc/quant_act.c), not exact."""
+    w = random_weight(qtype, n_out, n_in)
+    x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
+    benchmark(K.matmul_q8, w, x, N_THREADS)
+    report(benchmark, w.data.nbytes,
+           f"gemv q8-act {W.type_name(qtype)} {n_out}x{n_in} {level} x{N_THREADS}")
+
+
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=W.type_name)
+def test_gemm_prefill_q8(benchmark, qtype):
+    """512 rows through a 1536x576 weight with q8 activations."""
+    w = random_weight(qtype, 1536, 576)
+    x = np.random.default_rng(1).standard_normal((512, 576)).astype(np.float32)
+    benchmark(K.matmul_q8, w, x, N_THREADS)
+    if best_time(benchmark) is None:
+        return
+    benchmark.extra_info["GFLOP/s"] = round(2 * 512 * 1536 * 576 / best_time(benchmark) / 1e9, 1)
+    print(f"\ngemm q8-act {W.type_name(qtype)} 512x1536x576 {K.simd_name()}: "
+          f"{benchmark.extra_info['GFLOP/s']} GFLOP/s")
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=W.type_name)
 def test_gemm_prefill(benchmark, qtype):
     """512 rows through a 1536x576 weight: the cache-aware path."""
