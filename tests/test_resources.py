@@ -259,3 +259,33 @@ def test_smollm2_in_too_little_memory(smollm2_path):
         out_of_memory(result["load"], size)
     result = run_capped(code, headroom=size + (128 << 20))
     assert "ok" in result["load"], result
+
+
+# ------------------------------------------------------ a hostile chat template
+
+# The chat template comes from the model file: untrusted code, rendered in
+# jinja2's sandbox, which bounds each range() but not a product of them, nor
+# the size of "x" * n.
+HOSTILE_TEMPLATES = {
+    "huge_string": "{{ 'x' * 10**10 }}",
+    "nested_loops": "{% for a in range(99999) %}{% for b in range(99999) %}"
+                    "{% endfor %}{% endfor %}",
+}
+
+
+@needs_rlimit
+@pytest.mark.xfail(strict=True, reason="generation.render_chat_template: the sandbox "
+                   "bounds neither the output nor the work of a template from the "
+                   "file (reported to its owner)")
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_a_hostile_chat_template_is_stopped(name):
+    code = f"""
+from fastattn.generation import render_chat_template
+attempt("render", lambda: len(render_chat_template({HOSTILE_TEMPLATES[name]!r},
+                                                   [{{"role": "user", "content": "hi"}}])))
+"""
+    try:
+        result = run_capped(code, headroom=512 << 20, timeout=5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the template ran for more than 5 s") from None
+    assert result["render"].get("error") == "ChatTemplateError", result
