@@ -91,6 +91,8 @@ cdef cnp.ndarray _f32(a, str name, int ndim):
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {a.shape}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name}: array must be C-contiguous")
+    if not a.flags.aligned:     # a float32 view at an odd byte offset
+        raise ValueError(f"{name}: array must be aligned to 4 bytes")
     return a
 
 
@@ -145,6 +147,9 @@ cdef class _Weight:
         if data.nbytes != shape[0] * rb:
             raise ValueError(f"{name}: data holds {data.nbytes} bytes, shape {shape} of "
                              f"{type_name(int(qtype))} needs {shape[0] * rb}")
+        if data.ctypes.data % {0: 4, 1: 2, 30: 2}.get(int(qtype), 1):
+            raise ValueError(f"{name}: {type_name(int(qtype))} data must be aligned to "
+                             f"its element size")
         self.data = data
         self.w.data = cnp.PyArray_DATA(<cnp.ndarray>data)
         self.w.type = int(qtype)
