@@ -315,19 +315,24 @@ def read_until(fd, marker, timeout=60):
 
 
 @pytest.mark.parametrize("key", [b"\x03", b"\x04"], ids=["ctrl-c", "ctrl-d"])
-def test_interactive_chat_on_a_terminal(tiny, key):
+def test_interactive_chat_on_a_terminal(tiny, model, key):
     import pty
     import termios
+    reply = model.chat([{"role": "user", "content": "hello"}], max_new_tokens=6,
+                       temperature=0)
+    # the terminal turns each "\n" into "\r\n"; the prompt follows the reply
+    after_reply = (reply + "\n> ").encode().replace(b"\n", b"\r\n")
     pid, fd = pty.fork()
     if pid == 0:                                  # the child: fastattn on the terminal
         os.environ["PYTHONPATH"] = PACKAGE_ROOT
+        os.environ["PYTHONIOENCODING"] = "utf-8"
         os.execv(sys.executable, [sys.executable, "-m", "fastattn", "chat", "-m", tiny,
                                   "-n", "6", "--temp", "0", "-t", "1", "-q"])
     try:
         before = termios.tcgetattr(fd)
         read_until(fd, b"> ")
         os.write(fd, b"hello\r")
-        read_until(fd, b"> ")                     # a reply, then the prompt again
+        read_until(fd, after_reply)               # the reply, then the prompt again
         os.write(fd, key)                         # Ctrl-C or Ctrl-D at the prompt
         read_until(fd, b"\n", timeout=30)
         _, status = os.waitpid(pid, 0)
