@@ -130,17 +130,59 @@ def _stop_list(stop) -> list:
 
 # ------------------------------------------------------------------ chat templates
 
+# A chat template comes from the model file: untrusted code.  jinja2's sandbox
+# keeps it from Python's internals and bounds each range(), but not the work of
+# nested loops nor the size of what it builds ('x' * 10**10).  These bound both.
+TEMPLATE_MAX_CHARS = 1 << 24       # any string or list the template builds, and its output
+TEMPLATE_MAX_SECONDS = 1.0         # a real chat template renders in milliseconds
+
+
 def render_chat_template(template: str, messages, bos_token="", eos_token="",
                          add_generation_prompt=True, **extra) -> str:
     """Render a Hugging Face chat template (Jinja) in a sandbox.
 
     The sandbox (ImmutableSandboxedEnvironment) lets the template read the
     messages but not reach Python objects or change the lists it is given;
-    a template comes from a downloaded file, so it is untrusted code."""
+    sizes and render time are bounded (TEMPLATE_MAX_CHARS, TEMPLATE_MAX_SECONDS)
+    and a template past them raises ChatTemplateError."""
     from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     _check_messages(messages)
+    env = _template_environment()
+    try:
+        compiled = env.from_string(template)
+    except TemplateError as e:
+        raise ModelFileError(f"chat template does not parse: {e}") from None
+    variables = dict(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                     add_generation_prompt=add_generation_prompt, **extra)
+    try:
+        with _deadline(TEMPLATE_MAX_SECONDS):
+            pieces, n_chars = [], 0
+            for piece in compiled.generate(**variables):
+                n_chars += len(piece)
+                if n_chars > TEMPLATE_MAX_CHARS:
+                    raise ChatTemplateError(f"chat template output passed "
+                                            f"{TEMPLATE_MAX_CHARS} characters")
+                pieces.append(piece)
+            return "".join(pieces)
+    except ChatTemplateError:
+        raise
+    except TemplateError as e:
+        raise ChatTemplateError(f"chat template failed: {e}") from None
+    except (MemoryError, OverflowError, RecursionError) as e:
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+def _template_environment():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        # the operators that can make a value much bigger than their operands
+        intercepted_binops = frozenset(["*", "+", "**", "%"])
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message):
         raise ChatTemplateError(f"chat template refused the messages: {message}")
@@ -148,25 +190,107 @@ def render_chat_template(template: str, messages, bos_token="", eos_token="",
     def strftime_now(fmt):
         return time.strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                         extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     # Jinja's own tojson escapes <, > and & for HTML; templates written for
     # transformers expect plain JSON
     env.filters["tojson"] = _tojson
-    try:
-        compiled = env.from_string(template)
-    except TemplateError as e:
-        raise ModelFileError(f"chat template does not parse: {e}") from None
-    try:
-        return compiled.render(messages=messages, bos_token=bos_token,
-                               eos_token=eos_token,
-                               add_generation_prompt=add_generation_prompt, **extra)
-    except ChatTemplateError:
-        raise
-    except TemplateError as e:
-        raise ChatTemplateError(f"chat template failed: {e}") from None
+    # filters whose output size is set by an argument rather than the input
+    for name in ("center", "indent", "replace", "wordwrap", "format", "truncate"):
+        env.filters[name] = _bounded_filter(env.filters[name], name)
+    return env
+
+
+def _size(value) -> int:
+    return len(value) if isinstance(value, (str, bytes, list, tuple)) else 0
+
+
+def _check_binop(operator, left, right):
+    """Refuse an operation whose result would pass TEMPLATE_MAX_CHARS."""
+    too_big = False
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if _size(seq) and isinstance(n, int):
+                too_big |= _size(seq) * n > TEMPLATE_MAX_CHARS
+    elif operator == "+":
+        too_big = _size(left) + _size(right) > TEMPLATE_MAX_CHARS
+    elif operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+            too_big = right * max(abs(left).bit_length(), 1) > 4096    # bits
+    elif operator == "%" and isinstance(left, str):
+        args = right if isinstance(right, tuple) else (right,)
+        stars = [a for a in args if isinstance(a, int)] if "*" in left else []
+        too_big = max([_format_width(left)] + stars) > TEMPLATE_MAX_CHARS
+    if too_big:
+        raise ChatTemplateError(f"chat template: the result of {operator!r} would pass "
+                                f"{TEMPLATE_MAX_CHARS} characters")
+
+
+def _format_width(fmt: str) -> int:
+    """The largest width or precision written in a %-format string."""
+    import re
+    return max((int(n) for n in re.findall(r"%[-+ #0]*\.?(\d+)", fmt)), default=0)
+
+
+def _bounded_filter(fn, name):
+    """fn, refusing arguments that would make its output pass TEMPLATE_MAX_CHARS."""
+    takes_context = hasattr(fn, "jinja_pass_arg")     # @pass_environment and kin
+
+    def bounded(*args, **kwargs):
+        value, rest = (args[1], args[2:]) if takes_context else (args[0], args[1:])
+        extra = list(rest) + list(kwargs.values())
+        size = len(value) if isinstance(value, str) else len(str(value))
+        size += max((a for a in extra if isinstance(a, int)), default=0)
+        size += sum(len(a) for a in extra if isinstance(a, str))
+        if name == "replace" and len(rest) >= 2 and isinstance(value, str):
+            old, new = str(rest[0]), str(rest[1])
+            count = value.count(old) if old else len(value) + 1
+            size += count * max(0, len(new) - len(old))
+        if name == "format" and isinstance(value, str):
+            size += _format_width(value)
+        if size > TEMPLATE_MAX_CHARS:
+            raise ChatTemplateError(f"chat template: filter {name!r} would make more "
+                                    f"than {TEMPLATE_MAX_CHARS} characters")
+        return fn(*args, **kwargs)
+
+    bounded.__name__ = name
+    if takes_context:
+        bounded.jinja_pass_arg = fn.jinja_pass_arg
+    return bounded
+
+
+class _deadline:
+    """Raise ChatTemplateError in this thread once `seconds` have passed.
+
+    A trace function sees each line the compiled template runs, so a template
+    stuck in nested loops is stopped; a tracer already set (a debugger,
+    coverage) is put back afterwards."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import sys
+        end = time.monotonic() + self.seconds
+        count = [0]
+
+        def tracer(frame, event, arg):
+            count[0] += 1
+            if count[0] & 1023 == 0 and time.monotonic() > end:
+                raise ChatTemplateError(f"chat template ran for more than "
+                                        f"{self.seconds:g} s")
+            return tracer
+
+        self.previous = sys.gettrace()
+        sys.settrace(tracer)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+        sys.settrace(self.previous)
+        return False
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):

@@ -493,3 +493,56 @@ def test_session_of_another_model(model, tiny_path):
     other = Model.load(tiny_path, n_threads=1)
     with pytest.raises(GenerationError, match="another Model"):
         model.generate("x", session=other.session())
+
+
+# -------------------------------------------------- hostile chat templates
+# A template is code from the model file.  Each of these would take gigabytes
+# or hours; each must stop at once with a ChatTemplateError.
+HOSTILE = {
+    "repeat": "{{ 'x' * 10**10 }}",
+    "repeat_list": "{{ (messages * 10**9) | length }}",
+    "doubling": "{% set ns = namespace(s='x') %}{% for i in range(80) %}"
+                "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}",
+    "center": "{{ 'x' | center(10**10) }}",
+    "indent": "{{ 'a\nb' | indent(10**10) }}",
+    "replace": "{{ ('x' * 100000) | replace('x', 'y' * 100000) }}",
+    "percent_width": "{{ '%10000000000d' % 1 }}",
+    "percent_star": "{{ '%*d' % (10**10, 1) }}",
+    "format_filter": "{{ '%10000000000s' | format('a') }}",
+    "wordwrap": "{{ 'a b' | wordwrap(10**10) }}",
+    "recursion": "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_templates_are_refused_at_once(name):
+    import time
+    start = time.process_time()
+    with pytest.raises(ChatTemplateError):
+        render_chat_template(HOSTILE[name], [{"role": "user", "content": "hi"}])
+    assert time.process_time() - start < 0.5
+
+
+def test_endless_loops_are_stopped_by_the_deadline(monkeypatch):
+    import time
+
+    import fastattn.generation as generation
+    monkeypatch.setattr(generation, "TEMPLATE_MAX_SECONDS", 0.2)
+    template = ("{% for a in range(99999) %}{% for b in range(99999) %}"
+                "{% endfor %}{% endfor %}")
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="ran for more than 0.2 s"):
+        render_chat_template(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 5
+    # the tracer is gone afterwards
+    import sys
+    assert sys.gettrace() is None or sys.gettrace().__name__ != "tracer"
+
+
+def test_bounded_filters_and_operators_still_work():
+    template = ("{{ 'ab' * 3 }}|{{ 'x' | center(5) }}|{{ 'a,b' | replace(',', ';') }}|"
+                "{{ '%5s' % 'x' }}|{{ 'a b c d' | wordwrap(3) }}|"
+                "{{ 'hello world foo' | truncate(9) }}|{{ 2**10 }}|{{ 'x' + 'y' }}|"
+                "{{ '%s-%s' | format(1, 2) }}|{{ 'a\nb' | indent(2) }}")
+    assert render_chat_template(template, [{"role": "user", "content": "hi"}]) == \
+        "ababab|  x  |a;b|    x|a b\nc d|hello...|1024|xy|1-2|a\n  b"
