@@ -133,6 +133,11 @@ def _stop_list(stop) -> list:
 # A chat template comes from the model file: untrusted code.  jinja2's sandbox
 # keeps it from Python's internals and bounds each range(), but not the work of
 # nested loops nor the size of what it builds ('x' * 10**10).  These bound both.
+# Shortcoming: the size bounds are per operation (the operators and filters
+# below).  A template can still join many bounded pieces (a list of 10^6
+# strings of 10^6 characters, say) into one string of terabytes; Python then
+# fails the allocation with a MemoryError (reported as ChatTemplateError), or,
+# for a few gigabytes, may get it, and the output check comes after.
 TEMPLATE_MAX_CHARS = 1 << 24       # any string or list the template builds, and its output
 TEMPLATE_MAX_SECONDS = 1.0         # a real chat template renders in milliseconds
 
