@@ -37,8 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-ALL_PEERS = ["fastattn", "fastattn-f32", "llama.cpp", "llama.cpp-fa", "transformers",
-             "ctranslate2", "ctranslate2-int8", "numpy"]
+ALL_PEERS = ["fastattn", "fastattn-f32", "fastattn-q8", "llama.cpp", "llama.cpp-fa",
+             "transformers", "ctranslate2", "ctranslate2-int8", "numpy"]
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastattn-bench")
 
 # The prompt: plain English prose, repeated as often as needed and cut to the
@@ -113,13 +113,17 @@ def _have(*modules):
 
 def availability(peer):
     """None when the peer can run here, else the reason it cannot."""
-    if peer in ("fastattn", "fastattn-f32", "numpy"):
+    if peer in ("fastattn", "fastattn-f32", "fastattn-q8", "numpy"):
         try:
             if peer != "numpy":
                 import fastattn._engine  # noqa: F401
-            return None
         except ImportError as e:
             return f"not built ({e})"
+        if peer == "fastattn-q8":
+            from fastattn.model import Transformer
+            if "q8" not in getattr(Transformer, "ACTIVATIONS", ()):
+                return "this fastattn has no q8 activation mode"
+        return None
     needs = {"llama.cpp": ["llama_cpp"], "llama.cpp-fa": ["llama_cpp"],
              "transformers": ["torch", "transformers"],
              "ctranslate2": ["ctranslate2"], "ctranslate2-int8": ["ctranslate2"]}[peer]
@@ -575,7 +579,8 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
                                    f"{b.get('background_cores', 0):.2f})"
                                    for b in bandwidth)]
         for peer, wbytes in (("fastattn", facts["weight_bytes"]),
-                             ("fastattn-f32", facts["weight_bytes_f32"])):
+                             ("fastattn-f32", facts["weight_bytes_f32"]),
+                             ("fastattn-q8", facts["weight_bytes"])):
             around = [b["gb_s"] for b in bandwidth if b["when"].endswith(" " + peer)]
             s = summaries.get(peer, [None])[0]
             if not around or not s:
@@ -606,7 +611,7 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
         else:
             mark = "PASS" if t["value"] >= t["goal"] else "FAIL"
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
-        lines.append(f"  {mark}  {t['name']:<58} {value:>7}  (goal >= {t['goal']:g})")
+        lines.append(f"  {mark}  {t['name']:<64} {value:>7}  (goal >= {t['goal']:g})")
 
     machine = machine_line(results)
     lines += ["", f"machine {machine['cpu']}, {machine['cores']} cores, "
@@ -649,6 +654,18 @@ def compute_targets(summaries, bound, numpy_cmp, args):
         (f"prefill {n}: fastattn / llama.cpp",
          speedup("fastattn", "llama.cpp", "prefill_tok_s"), 2.0),
     ]
+    if "fastattn-q8" in summaries:
+        # the opt-in 8-bit-activation mode, next to the targets of the exact path
+        out += [
+            ("Q4_1 decode, q8 activations: fastattn-q8 / llama.cpp",
+             speedup("fastattn-q8", "llama.cpp", "decode_tok_s"), 2.0),
+            ("Q4_1 decode, q8 activations: fraction of the bandwidth limit",
+             bound and bound.get("fastattn-q8", {}).get("fraction"), 0.8),
+            (f"prefill {n}, q8 activations: fastattn-q8 / ctranslate2-int8",
+             speedup("fastattn-q8", "ctranslate2-int8", "prefill_tok_s"), 1.2),
+            (f"prefill {n}, q8 activations: fastattn-q8 / llama.cpp",
+             speedup("fastattn-q8", "llama.cpp", "prefill_tok_s"), 2.0),
+        ]
     if numpy_cmp:
         out.append((f"{numpy_cmp['n_gen']}-token generation ({numpy_cmp['n_prompt']}-token "
                     f"prompt): fastattn / numpy", numpy_cmp["speedup"], 100.0))

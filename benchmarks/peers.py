@@ -55,10 +55,12 @@ def _fastattn_weights(loaded, f32: bool):
             for name, w in loaded.weights.items()}
 
 
-def fastattn_runner(spec, f32=False):
+def fastattn_runner(spec, f32=False, activations=None):
     """fastattn's Transformer driven directly: prefill the prompt, then one
     decode per token, argmax in numpy (what Model.generate does at
-    temperature 0, minus the sampler and the detokenizer)."""
+    temperature 0, minus the sampler and the detokenizer).  activations="q8"
+    is the engine's opt-in mode that rounds activations to 8-bit blocks and
+    uses integer dot products (llama.cpp's way; not exact)."""
     sys.path.insert(0, REPO)
     import fastattn
     from fastattn import _kernels
@@ -66,11 +68,14 @@ def fastattn_runner(spec, f32=False):
     from fastattn.model import Transformer
 
     loaded = load_model_files(spec["model"])
+    options = {"activations": activations} if activations else {}
     model = Transformer(loaded.config, _fastattn_weights(loaded, f32),
-                        n_threads=spec["threads"])
+                        n_threads=spec["threads"], **options)
+    weights = "float32" if f32 else "file (Q4_1 blocks)"
+    if activations:
+        weights += f", {activations} activations"
     info = {"version": fastattn.__version__, "simd": _kernels.simd_name(),
-            "weights": "float32" if f32 else "file (Q4_1 blocks)",
-            "_keepalive": loaded}
+            "weights": weights, "_keepalive": loaded}
 
     def generate(ids, n_gen):
         state = model.new_state(len(ids) + n_gen)
@@ -249,6 +254,7 @@ def numpy_runner(spec):
 RUNNERS = {
     "fastattn": lambda spec: fastattn_runner(spec),
     "fastattn-f32": lambda spec: fastattn_runner(spec, f32=True),
+    "fastattn-q8": lambda spec: fastattn_runner(spec, activations="q8"),
     "llama.cpp": llamacpp_runner,
     "llama.cpp-fa": lambda spec: llamacpp_runner(spec, flash=True),
     "transformers": transformers_runner,
