@@ -32,6 +32,7 @@ import collections
 import faulthandler
 import hashlib
 import json
+import logging
 import os
 import random
 import resource
@@ -251,6 +252,7 @@ def main():
     if args.rlimit_as:
         resource.setrlimit(resource.RLIMIT_AS, (args.rlimit_as, args.rlimit_as))
     warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)    # "no tokenizer.ggml.pre" on every input
 
     if args.engine == "python":     # libFuzzer keeps SIGALRM for its -timeout
         def on_alarm(signum, frame):
