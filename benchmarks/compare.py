@@ -366,7 +366,8 @@ def machine_line(results):
                  "ctranslate2-int8"):
         v = _version(results, peer)
         if v and v not in versions.values():
-            versions[peer] = v
+            versions[{"llama.cpp-fa": "llama.cpp",
+                      "ctranslate2-int8": "ctranslate2"}.get(peer, peer)] = v
     return {"cpu": cpu, "cores": os.cpu_count(), "simd": simd or "?",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "kernel": platform.release(), "versions": versions}
