@@ -5,6 +5,10 @@ the same weights in float32: the prompt ids must be equal, the next-token
 logits equal to within float rounding (1e-3 max abs), and greedy continuations
 equal token for token.  The measured logit differences are printed (run with
 -s or -rP to see them).
+
+Both run one thread: the answers do not depend on the thread count, and on a
+machine busy with other work, OpenMP teams that spin-wait for each other take
+many times longer than one thread does.
 """
 import os
 
@@ -51,7 +55,7 @@ def hf(path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)
     folder, name = os.path.split(os.path.abspath(path))
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -63,7 +67,7 @@ def hf(path):
 @pytest.fixture(scope="module")
 def fa(path):
     from fastattn.generation import Model
-    return Model.load(path)
+    return Model.load(path, n_threads=1)
 
 
 def hf_ids(hf, prompt):
