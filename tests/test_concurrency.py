@@ -36,7 +36,11 @@ from fastattn.testing import random_config, random_ids, random_weights
 from fastattn.weights import Q4_1, Q8_0
 from tinyllama_gguf import write_tiny_llama
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import fastattn  # noqa: E402
+
+# The folder holding the fastattn being tested (site-packages once installed):
+# child processes import that one, never the uncompiled source tree.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
 N_THREADS = 8
 
 

@@ -20,8 +20,12 @@ import pytest
 from fastattn.errors import ModelFileError, TokenizerError
 from fastattn.sampling import Sampler, SamplingError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = os.path.join(ROOT, "tests", "fuzz", "run.py")
+import fastattn  # noqa: E402
+
+RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz", "run.py")
+# The folder holding the fastattn being tested (site-packages once installed):
+# child processes import that one, never the uncompiled source tree.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
 
 # harness: (iterations, outcomes the run must reach at least once: proof that
 # the inputs get past the first check and exercise the code behind it)

@@ -90,7 +90,8 @@ print(json.dumps(result))
 
 
 def run_limited(path, timeout=60):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import fastattn
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))  # the fastattn under test
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", CHILD, path, str(ADDRESS_SPACE_LIMIT)],

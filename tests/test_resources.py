@@ -36,7 +36,11 @@ from fastattn.weights import Q4_1
 
 from test_concurrency import write_endless_llama
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import fastattn  # noqa: E402
+
+# The folder holding the fastattn being tested (site-packages once installed):
+# child processes import that one, never the uncompiled source tree.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
 UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 needs_rlimit = pytest.mark.skipif(UNDER_ASAN, reason="RLIMIT_AS and AddressSanitizer "
                                                      "do not mix")
@@ -263,9 +267,9 @@ def test_smollm2_in_too_little_memory(smollm2_path):
 
 # ------------------------------------------------------ a hostile chat template
 
-# The chat template comes from the model file: untrusted code, rendered in
-# jinja2's sandbox, which bounds each range() but not a product of them, nor
-# the size of "x" * n.
+# The chat template comes from the model file: untrusted code.  jinja2's
+# sandbox alone bounds each range() but not a product of them, nor the size of
+# "x" * n; render_chat_template adds both bounds.
 HOSTILE_TEMPLATES = {
     "huge_string": "{{ 'x' * 10**10 }}",
     "nested_loops": "{% for a in range(99999) %}{% for b in range(99999) %}"
@@ -274,9 +278,6 @@ HOSTILE_TEMPLATES = {
 
 
 @needs_rlimit
-@pytest.mark.xfail(strict=True, reason="generation.render_chat_template: the sandbox "
-                   "bounds neither the output nor the work of a template from the "
-                   "file (reported to its owner)")
 @pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
 def test_a_hostile_chat_template_is_stopped(name):
     code = f"""

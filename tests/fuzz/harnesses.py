@@ -36,9 +36,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 ROOT = os.path.dirname(TESTS)
-for _path in (ROOT, TESTS):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+try:                                   # the installed (or PYTHONPATH) fastattn first,
+    import fastattn  # noqa: F401     # the checkout's own only when there is none
+except ImportError:
+    sys.path.insert(0, ROOT)
 
 from fastattn.errors import FastAttnError  # noqa: E402
 

@@ -45,7 +45,10 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+try:                                   # the installed (or PYTHONPATH) fastattn first,
+    import fastattn  # noqa: F401     # the checkout's own only when there is none
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 
 def instrument_fastattn():
