@@ -29,6 +29,9 @@ from ..errors import ModelFileError
 # The largest header we accept, as the reference implementation does.
 MAX_HEADER_BYTES = 100_000_000
 
+# numpy's limit on dimensions (array() reshapes the view to the shape).
+MAX_DIMS = 64
+
 # dtype -> (numpy dtype of a view, bytes per element).  BF16 and the 8-bit
 # floats have no numpy type; they are viewed as unsigned integers of their width.
 DTYPES = {
@@ -138,8 +141,12 @@ def parse_header(path: str, header: bytes, data_len: int):
         if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
             raise ModelFileError(f"{where}: field 'shape' has value {str(shape)[:80]}; "
                                  f"expected a list of non-negative integers")
+        if len(shape) > MAX_DIMS:
+            raise ModelFileError(f"{where}: field 'shape' has {len(shape)} dimensions, "
+                                 f"more than the {MAX_DIMS} a numpy array can have")
         count = math.prod(shape)
-        if count * itemsize >= 1 << 62:
+        # each dimension too: numpy cannot shape [0, 10**30] even with no data
+        if math.prod(max(d, 1) for d in shape) * itemsize >= 1 << 62:
             raise ModelFileError(f"{where}: field 'shape' has value {shape}, whose size "
                                  f"overflows")
 
