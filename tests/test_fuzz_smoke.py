@@ -91,6 +91,21 @@ def test_safetensors_header_with_a_5001_digit_integer(tmp_path):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("shape", [[0, 2**64], [2**70, 0], [0, 10**30], [1] * 65])
+def test_safetensors_shape_numpy_cannot_hold(tmp_path, shape):
+    """Few bytes (none with a zero dimension, one for 65 dimensions of 1), but
+    a shape no numpy array can take: refused at open, not in array()."""
+    from fastattn.loaders.safetensors import SafetensorsFile
+    n = 0 if 0 in shape else 1
+    header = json.dumps({"a": {"dtype": "U8", "shape": shape,
+                               "data_offsets": [0, n]}}).encode()
+    path = tmp_path / "shape.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(n))
+    with pytest.raises(ModelFileError, match="field 'shape'") as info:
+        SafetensorsFile(path).array("a")
+    assert str(path) in str(info.value)
+
+
 def test_token_text_with_a_lone_surrogate():
     from fastattn.tokenizer import Tokenizer
     with pytest.raises(ModelFileError, match="token 1 .* lone surrogate"):

@@ -24,6 +24,7 @@ wrong type).  Anything else escapes the harness and is a finding, as is a
 broken invariant (Finding): a round trip that does not give the text back, a
 sampled token outside the top-k, logits of the wrong shape.
 """
+import copy
 import json
 import os
 import struct
@@ -729,8 +730,11 @@ def safetensors_fields(data: bytes) -> str:
     names = list(header)
     hostile_values = (INTERESTING_INTS + INTERESTING_FLOATS
                       + [None, True, "F32", "BF16", "x", [], {}, [0], [1, 2, 3],
-                         [-1, 4], [2**64, 0], [0, 2**64], [1.5], ["1"], {"a": 1},
-                         "BIGINT", ["BIGINT"]])
+                         [-1, 4], [2**64, 0], [0, 2**64], [0, 10**30], [1] * 65,
+                         [1.5], ["1"], {"a": 1}, "BIGINT", ["BIGINT"]])
+
+    def pick(values):
+        return copy.deepcopy(p.choice(values))     # never one object in two places
 
     for _ in range(p.int(1, 4)):
         op = p.int(0, 6)
@@ -738,9 +742,9 @@ def safetensors_fields(data: bytes) -> str:
             entry = header.get(p.choice(names))
             if isinstance(entry, dict) and entry:
                 key = p.choice(list(entry))
-                entry[key] = p.choice(hostile_values)
+                entry[key] = pick(hostile_values)
         elif op == 3:
-            header[p.choice(names + ["new", "__metadata__"])] = p.choice(
+            header[p.choice(names + ["new", "__metadata__"])] = pick(
                 hostile_values + [{"dtype": "F32", "shape": [1],
                                    "data_offsets": [0, 4]},
                                   {"k": "v"}, {"k": 1}])
