@@ -8,6 +8,16 @@ import os
 
 import pytest
 
+import fastattn
+
+# Tests start child Pythons (`python -m fastattn ...`, `python -c ...`).  Those
+# put the current folder first on sys.path, and when pytest runs from the
+# checkout that folder holds the uncompiled sources: PYTHONSAFEPATH (3.11+)
+# keeps the children on the fastattn being tested, the installed one.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__))) != _CHECKOUT:
+    os.environ["PYTHONSAFEPATH"] = "1"
+
 
 def find_test_model():
     path = os.environ.get("FASTATTN_TEST_MODEL")
