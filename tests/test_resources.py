@@ -144,7 +144,11 @@ def attempt(name, fn):
                      "classes": [c.__name__ for c in type(e).__mro__]}
 
 exec(sys.argv[2])
-out["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, this process's own peak: ru_maxrss would start from the parent's
+# resident size at fork (Linux carries it over fork and exec).
+with open("/proc/self/status") as f:
+    out["max_rss"] = next(int(line.split()[1]) * 1024 for line in f
+                          if line.startswith("VmHWM:"))
 print(json.dumps(out))
 """
 
