@@ -24,9 +24,11 @@ wrong type).  Anything else escapes the harness and is a finding, as is a
 broken invariant (Finding): a round trip that does not give the text back, a
 sampled token outside the top-k, logits of the wrong shape.
 """
+import atexit
 import copy
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -85,6 +87,7 @@ def scratch_path(suffix):
     if _SCRATCH is None:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         _SCRATCH = tempfile.mkdtemp(prefix="fastattn-fuzz-", dir=base)
+        atexit.register(shutil.rmtree, _SCRATCH, True)
     return os.path.join(_SCRATCH, "input" + suffix)
 
 
