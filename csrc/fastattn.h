@@ -33,13 +33,17 @@ enum fa_type {
     FA_BF16 = 30,
 };
 
-/* A weight in its file's storage form: n_out rows of row_bytes each. */
+/* A weight in its file's storage form: n_out rows of row_bytes each.
+ * packed, when not NULL, is the same matrix repacked by fa_pack_weight for the
+ * panel kernels (csrc/packed.c); fa_matmul then reads it instead of data.
+ * Whoever builds a fa_weight sets packed to NULL or to a filled buffer. */
 typedef struct {
     const void *data;
     int type;          /* enum fa_type */
     int64_t n_out;
     int64_t n_in;
     size_t row_bytes;  /* == fa_row_bytes(type, n_in) */
+    const void *packed;
 } fa_weight;
 
 /* Bytes one row of n_in values takes in `type`; 0 if the type is unknown or
@@ -65,6 +69,12 @@ const char *fa_simd_name(int level);
  * decode of the same token give bit-identical products. */
 void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                int ith, int nth);
+
+/* The rows [*r0, *r1) of y that fa_matmul_act(act, w, ...) writes on thread
+ * ith of nth.  A caller that fuses an element-wise step into the product (a
+ * thread finishing its own rows without a barrier) asks here. */
+void fa_matmul_share(int act, const fa_weight *w, int ith, int nth, int64_t *r0,
+                     int64_t *r1);
 
 /* out[i] = W[row, i] as float32, i < n_in (embedding lookup). */
 void fa_dequant_row(const fa_weight *w, int64_t row, float *out);

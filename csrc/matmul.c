@@ -192,6 +192,14 @@ void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
     }
 }
 
+void fa_matmul_share(int act, const fa_weight *w, int ith, int nth, int64_t *r0,
+                     int64_t *r1) {
+    (void)act;
+    *r0 = *r1 = 0;
+    if (!w || w->n_out <= 0) return;
+    fa_share(w->n_out, ith, nth, r0, r1);
+}
+
 void fa_parallel_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                         int n_threads) {
     if (n_threads < 1) n_threads = 1;

@@ -32,6 +32,7 @@ cdef extern from "model.h" nogil:
         int64_t n_out
         int64_t n_in
         size_t row_bytes
+        const void *packed
 
     size_t fa_row_bytes(int type, int64_t n_in)
 
@@ -199,6 +200,7 @@ cdef class Model:
         w.n_out = n_out
         w.n_in = n_in
         w.row_bytes = rb
+        w.packed = NULL
         return w
 
     cdef const float *_vector(self, dict vectors, str name, int64_t n,

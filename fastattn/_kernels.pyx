@@ -37,6 +37,7 @@ cdef extern from "fastattn.h" nogil:
         int64_t n_out
         int64_t n_in
         size_t row_bytes
+        const void *packed
 
     size_t fa_row_bytes(int type, int64_t n_in)
     int fa_simd_level()
@@ -156,6 +157,7 @@ cdef class _Weight:
         self.w.n_out = shape[0]
         self.w.n_in = shape[1]
         self.w.row_bytes = rb
+        self.w.packed = NULL
 
 
 # ---------------------------------------------------------------- products
