@@ -161,9 +161,41 @@ def print_timings(stats, total_s):
         err(f"{PROG}: {'stopped by':<16} = {stats['stopped']}")
 
 
+# whether stdout's last line is unfinished (text written without a final
+# newline): an error message then starts with one, so it gets its own line
+_line_open = False
+
+
 def write_out(text):
+    global _line_open
     sys.stdout.write(text)
     sys.stdout.flush()
+    if text:
+        _line_open = not text.endswith("\n")
+
+
+def end_line():
+    """Finish stdout's unfinished line, if there is one (the prompt or a reply
+    cut short by an error)."""
+    if _line_open:
+        try:
+            write_out("\n")
+        except OSError:              # stdout is gone (a closed pipe): nothing to finish
+            pass
+
+
+def error_text(e) -> str:
+    """The message of e once, without the "fastattn: " that some messages
+    (the engine's) already start with: the caller adds its own prefix."""
+    text = str(e).strip()
+    while text.startswith(f"{PROG}:"):
+        text = text[len(PROG) + 1:].lstrip()
+    return text or type(e).__name__
+
+
+def print_error(e):
+    end_line()
+    err(f"{PROG}: error: {error_text(e)}")
 
 
 # ------------------------------------------------------------------ loading
@@ -291,7 +323,7 @@ def cmd_chat(args):
             except ContextOverflowError as e:
                 if len(history) <= 1:
                     # this message alone does not fit: say so, and wait for another
-                    err(f"{PROG}: error: {e}")
+                    print_error(e)
                     history.pop()
                     break
                 history = history[2:]
@@ -396,6 +428,7 @@ def _isnan(array):
 
 
 def main(argv=None) -> int:
+    global _line_open
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -409,18 +442,24 @@ def main(argv=None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
 
+    _line_open = False
     try:
         return args.run(args) or 0
     except UsageError as e:
+        end_line()
         parser.print_usage(sys.stderr)
-        err(f"{PROG}: error: {e}")
+        err(f"{PROG}: error: {error_text(e)}")
         return 2
     except FastAttnError as e:
-        err(f"{PROG}: error: {e}")
+        print_error(e)
         return 1
     except KeyboardInterrupt:
-        # outside a reply (loading, say): stop quietly, as a shell expects
-        err("")
+        # outside a reply (loading, say): stop quietly, as a shell expects,
+        # on a fresh line (after the terminal's "^C")
+        if _line_open:
+            end_line()
+        else:
+            err("")
         return 130
     except BrokenPipeError:
         # the reader went away (`fastattn generate ... | head`): not an error;

@@ -158,6 +158,126 @@ def test_no_command():
     assert r.returncode == 2 and "fastattn: error" in r.stderr
 
 
+def one_error_line(stderr):
+    """The stderr of a failed run holds one error line, "fastattn: error: "
+    once, with no second "fastattn:" inside the message; -> the message."""
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("fastattn: error: "), stderr
+    message = lines[0][len("fastattn: error: "):]
+    assert "fastattn:" not in message and message.strip() == message != "", stderr
+    assert "Traceback" not in stderr
+    return message
+
+
+def test_errors_print_once_with_one_prefix(tiny, tmp_path):
+    missing = str(tmp_path / "nope.gguf")
+    r = run(["generate", "-m", missing, "-p", "hi", "-q"])
+    assert r.returncode == 1 and r.stdout == ""
+    assert missing in one_error_line(r.stderr)
+    assert r.stderr.count("\n") == 1                  # that line and nothing else
+
+    r = run(["generate", "-m", tiny, "-p", "the quick brown fox " * 100, "-t", "1", "-q"])
+    assert r.returncode == 1 and r.stdout == ""       # refused before the prompt is shown
+    assert one_error_line(r.stderr).startswith("the prompt is ")
+
+    r = run(["generate", "-m", tiny, "-p", "hi", "-c", "100000", "-t", "1", "-q"])
+    assert r.returncode == 1
+    assert "n_ctx = 100000" in one_error_line(r.stderr)
+
+
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+@pytest.mark.skipif(UNDER_ASAN, reason="RLIMIT_AS and AddressSanitizer do not mix")
+def test_an_engine_error_after_the_prompt(tmp_path):
+    """The engine's messages start with "fastattn: "; the command line prints
+    them once, after finishing the line of the prompt it already printed.
+    Here: a KV cache that does not fit (a declared context of 2^24 tokens,
+    -n -1, in a child whose address space is capped)."""
+    import resource
+    path = write_tiny_llama(tmp_path / "huge_ctx.gguf", n_ctx=1 << 24)
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fastattn.cli, fastattn.generation, fastattn._engine, "
+         "fastattn._bpe\nprint(next(l.split()[1] for l in open('/proc/self/status') "
+         "if l.startswith('VmSize:')))"],
+        capture_output=True, text=True, env=env, timeout=120,
+        cwd=os.path.dirname(PACKAGE_ROOT))
+    limit = int(probe.stdout.split()[-1]) * 1024 + (512 << 20)    # KV cache: 8 GiB
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    r = subprocess.run([sys.executable, "-m", "fastattn", "generate", "-m", str(path),
+                        "-p", "hello", "-n", "-1", "-t", "1", "-q"],
+                       capture_output=True, text=True, env=env, timeout=120,
+                       preexec_fn=cap, cwd=os.path.dirname(PACKAGE_ROOT))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stdout == "hello\n"                       # the prompt's line is finished
+    assert one_error_line(r.stderr).startswith("cannot allocate a state of n_ctx 16777216")
+    assert r.stderr.startswith("fastattn: error: ")   # at the start of a line
+
+
+def fail_after(n_pieces, real, error):
+    """Wrap the method real (Model.stream, say) so that its stream raises
+    `error` after n_pieces pieces."""
+    def wrapped(self, *args, **kwargs):
+        pieces = real(self, *args, **kwargs)
+
+        def gen():
+            for i, piece in enumerate(pieces):
+                if i == n_pieces:
+                    pieces.close()
+                    raise error
+                yield piece
+        return gen()
+    return wrapped
+
+
+def test_an_error_in_the_middle_of_the_text_starts_a_line(tiny, model, monkeypatch,
+                                                         capsys):
+    from fastattn.errors import OutOfMemoryError
+    want = list(model.stream("hello", max_new_tokens=20, temperature=0))
+    error = OutOfMemoryError("fastattn: cannot allocate the attention scratch")
+    monkeypatch.setattr(Model, "stream", fail_after(3, Model.stream, error))
+    status = cli.main(["generate", "-m", tiny, "-p", "hello", "-n", "20", "--temp", "0",
+                       "-t", "1", "-q"])
+    out, errors = capsys.readouterr()
+    assert status == 1
+    assert out == "hello" + "".join(want[:3]) + "\n"
+    assert errors == "fastattn: error: cannot allocate the attention scratch\n"
+
+
+def test_an_error_in_a_chat_reply_starts_a_line(tiny, model, monkeypatch, capsys):
+    import io
+    from fastattn.errors import FastAttnError
+    messages = [{"role": "user", "content": "hello"}]
+    want = list(model.chat(messages, max_new_tokens=10, temperature=0, stream=True))
+    failing = fail_after(2, Model.chat, FastAttnError("fastattn: fastattn: went wrong"))
+
+    def chat(self, messages, stream=False, **kw):
+        return failing(self, messages, stream=True, **kw)
+
+    monkeypatch.setattr(Model, "chat", chat)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    status = cli.main(["chat", "-m", tiny, "-n", "10", "--temp", "0", "-t", "1", "-q"])
+    out, errors = capsys.readouterr()
+    assert status == 1
+    assert out == "".join(want[:2]) + "\n"
+    assert errors == "fastattn: error: went wrong\n"
+
+
+def test_error_text():
+    from fastattn.errors import ModelFileError
+    assert cli.error_text(ModelFileError("fastattn: x.gguf: bad magic")) == "x.gguf: bad magic"
+    assert cli.error_text(ModelFileError("x.gguf: bad magic")) == "x.gguf: bad magic"
+    assert cli.error_text(ModelFileError("fastattn:fastattn: twice")) == "twice"
+    assert cli.error_text(ModelFileError("a fastattn: inside stays")) == \
+        "a fastattn: inside stays"
+    assert cli.error_text(ModelFileError()) == "ModelFileError"
+
+
 # ---------------------------------------------------------------------- chat
 
 def test_chat_with_piped_stdin(tiny, model):
@@ -237,6 +357,35 @@ def test_ctrl_c_during_generate(tiny, model, monkeypatch, capsys):
     assert status == 130
     assert out == "hello" + "".join(want[:3]) + "\n"
     assert "eval time" in errors
+
+
+def test_ctrl_c_during_a_long_prefill(tmp_path, monkeypatch, capsys):
+    """The prompt goes to the engine in pieces; a Ctrl-C (here: raised as the
+    second piece returns, as Python raises it) stops the run before the
+    third, with the prompt's line finished and the timings printed."""
+    from fastattn.model import Transformer
+    path = str(write_tiny_llama(tmp_path / "roomy.gguf", n_ctx=1024))
+    prompt = "the quick brown fox jumps over the lazy dog. " * 25
+    n_prompt = len(Model.load(path, n_threads=1).encode(prompt))
+    assert 2 * 256 < n_prompt < 1024 - 20
+    real = Transformer.prefill
+    calls = []
+
+    def prefill(self, state, ids, **kwargs):
+        calls.append(len(ids))
+        out = real(self, state, ids, **kwargs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Transformer, "prefill", prefill)
+    status = cli.main(["generate", "-m", path, "-p", prompt, "-n", "20", "--temp", "0",
+                       "-t", "1"])
+    out, errors = capsys.readouterr()
+    assert status == 130
+    assert calls == [256, 256]
+    assert out == prompt + "\n"
+    assert "stopped by       = interrupted" in errors and "Traceback" not in errors
 
 
 def test_ctrl_c_during_a_chat_reply_returns_to_the_prompt(tiny, model, monkeypatch,
