@@ -18,7 +18,9 @@ When generation stops.  At whichever comes first:
              ContextOverflowError.
 `model.last_stats["stopped"]` says which, with the timings of the call
 ("interrupted" if the caller closed a stream before it ended, or Ctrl-C
-came in the middle of it).
+came in the middle of it).  The prompt goes to the engine in pieces of
+PREFILL_CHUNK tokens, so a Ctrl-C during a long prefill is seen when the
+current piece is done, not at the end of the prompt.
 
 Threads.  Each generate / stream / chat / score call builds its own State (KV
 cache) and Sampler; the Transformer is read-only, so several Python threads
@@ -41,9 +43,17 @@ import numpy as np
 
 from .errors import (ContextOverflowError, FastAttnError, ModelFileError, TokenizerError,
                      UnsupportedError)
+from .model import MAX_CHUNK
 from .sampling import Sampler
 
 logger = logging.getLogger("fastattn")
+
+# How many prompt tokens one call into the engine takes when a generation
+# prefills its prompt.  A call into C does not look at signals, so Ctrl-C is
+# seen between pieces: the wait is bounded by one piece, not the whole prompt.
+# MAX_CHUNK is the piece the engine cuts a long call into by itself, so the
+# pieces fall at the same places and the results are the same bits.
+PREFILL_CHUNK = MAX_CHUNK
 
 # How many prompt tokens one prefill call takes when all logits are wanted
 # (score): the logits of a chunk are [chunk, n_vocab] float32, 100 MB at 512.
@@ -555,9 +565,12 @@ class Model:
         n_gen = 0
         clock = time.perf_counter
         try:
+            # in pieces, so that a KeyboardInterrupt (Ctrl-C) is raised between
+            # them rather than after the whole prompt
             start = clock()
-            logits = self.transformer.prefill(state, ids[cached:])
-            stats["prompt_s"] = clock() - start
+            for begin in range(cached, n_prompt, PREFILL_CHUNK):
+                logits = self.transformer.prefill(state, ids[begin:begin + PREFILL_CHUNK])
+                stats["prompt_s"] = clock() - start
 
             # gen_s counts the time spent here, not the caller's time between pieces
             while True:

@@ -546,3 +546,125 @@ def test_bounded_filters_and_operators_still_work():
                 "{{ '%s-%s' | format(1, 2) }}|{{ 'a\nb' | indent(2) }}")
     assert render_chat_template(template, [{"role": "user", "content": "hi"}]) == \
         "ababab|  x  |a;b|    x|a b\nc d|hello...|1024|xy|1-2|a\n  b"
+
+
+# ------------------------------------------------- prefill in pieces, Ctrl-C
+# A call into the engine does not look at signals, so a generation prefills
+# its prompt in pieces of PREFILL_CHUNK tokens: a Ctrl-C is seen between them.
+
+@pytest.fixture(scope="module")
+def roomy_model(tmp_path_factory):
+    """The tiny model with room (n_ctx 1024) for prompts of several pieces."""
+    path = write_tiny_llama(tmp_path_factory.mktemp("roomy") / "roomy.gguf", n_ctx=1024)
+    return Model.load(path, n_threads=1)
+
+
+def long_prompt(model, n):
+    ids = model.encode("the quick brown fox jumps over the lazy dog. " * 200)
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def record_prefills(model, monkeypatch, hook=None):
+    """Wrap model.transformer.prefill: -> the list of (n_past, n_ids) of its calls."""
+    real = model.transformer.prefill
+    calls = []
+
+    def prefill(state, ids, **kwargs):
+        calls.append((state.n_past, len(ids)))
+        if hook is not None:
+            return hook(len(calls), real, state, ids, **kwargs)
+        return real(state, ids, **kwargs)
+
+    monkeypatch.setattr(model.transformer, "prefill", prefill)
+    return calls
+
+
+def test_prefill_in_pieces_gives_the_one_call_results(roomy_model, monkeypatch):
+    import fastattn.generation as generation
+    model = roomy_model
+    chunk = generation.PREFILL_CHUNK
+    assert chunk == 256
+    ids = long_prompt(model, 2 * chunk + 189)
+    n_new = 12
+
+    # the reference: the whole prompt in one call into the engine, then greedy
+    tf = model.transformer
+    state = tf.new_state(len(ids) + n_new)
+    logits = tf.prefill(state, ids)
+    want_logits, want = [logits], []
+    for _ in range(n_new):
+        token = int(np.argmax(logits))
+        if token in model.tokenizer.eos_ids:
+            break
+        want.append(token)
+        logits = tf.decode(state, token)
+        want_logits.append(logits)
+
+    calls = record_prefills(model, monkeypatch)
+    seen = []
+    real_sample = generation.Sampler.sample
+
+    def sample(self, logits, history):
+        seen.append(np.array(logits, copy=True))
+        return real_sample(self, logits, history)
+
+    monkeypatch.setattr(generation.Sampler, "sample", sample)
+    got = model.generate_ids(ids, max_new_tokens=n_new, temperature=0)
+    assert calls == [(0, chunk), (chunk, chunk), (2 * chunk, 189)]
+    assert got == want and len(got) > 0
+    for a, b in zip(seen, want_logits):             # bit for bit, not approximately
+        assert np.array_equal(a, b)
+    assert len(seen) in (len(want), len(want) + 1)       # + the one that chose eos
+
+    # with a session, the pieces start after the cached prefix
+    session = model.session()
+    model.generate_ids(ids[:300], max_new_tokens=1, temperature=0, session=session)
+    calls.clear()
+    assert model.generate_ids(ids, max_new_tokens=n_new, temperature=0,
+                              session=session) == want
+    assert model.last_stats["cached_tokens"] == 300
+    assert calls == [(300, chunk), (300 + chunk, len(ids) - 300 - chunk)]
+
+
+def test_ctrl_c_during_a_long_prefill_is_seen_between_pieces(roomy_model, monkeypatch):
+    """A real SIGINT lands while the second piece is in the engine (held
+    pending by the signal mask, so the timing is fixed): the KeyboardInterrupt
+    comes as that piece returns, and the third piece never runs."""
+    import signal
+    model = roomy_model
+    ids = long_prompt(model, 700)
+    main = threading.main_thread()
+    assert threading.current_thread() is main
+
+    def hook(n, real, state, ids, **kwargs):
+        if n != 2:
+            return real(state, ids, **kwargs)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            signal.pthread_kill(main.ident, signal.SIGINT)     # Ctrl-C, now pending
+            out = real(state, ids, **kwargs)                   # the engine runs on
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # delivered
+        return out
+
+    calls = record_prefills(model, monkeypatch, hook)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    session = model.session()
+    try:
+        stream = model.stream(ids, max_new_tokens=5, temperature=0, session=session)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in stream:
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert calls == [(0, 256), (256, 256)]                  # not the whole prompt
+    assert model.last_stats["stopped"] == "interrupted"
+    assert model.last_stats["gen_tokens"] == 0
+    # the session keeps the two pieces that were computed, and goes on from there
+    assert session.state.n_past == len(session.ids) == 512
+    assert session.ids == ids[:512]
+    monkeypatch.undo()
+    want = model.generate(ids, max_new_tokens=5, temperature=0)
+    assert model.generate(ids, max_new_tokens=5, temperature=0, session=session) == want
+    assert model.last_stats["cached_tokens"] == 512
