@@ -9,29 +9,43 @@
  *   q[i]   = rint(x[i] * (1 / d[b]))              int8 in [-127, 127]; 0 if d = 0
  *   s[b]   = d[b] * sum_j q[32 b + j]             float32 (Q4_1's min term)
  *
- * Dot of a weight row (integer values wq, scale dw, for Q4_1 a min mw) with it,
- * the same operations at every SIMD level, so all levels agree bit for bit:
- *   p[b][k]  = sum_{j = 4k .. 4k+3} wq[32 b + j] q[32 b + j]   k < 8, exact int32
- *   acc[b % 4][k] += (dw d[b]) * (float)p[b][k]                 a multiply, then an add
- *   m[b % 4]      += mw s[b]                                    Q4_1 only
- *   a[k] = (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])
- *   y = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + ((m0 + m1) + (m2 + m3))
- * Four chains rather than one: a row is too long for the CPU to overlap one
- * row's additions with the next row's, so a single chain's latency bounds it.
- * The file is compiled with floating-point contraction off so no multiply and
- * add pair is fused into an FMA at one level and not at another.
+ * Dot of a weight row (integer values wq, scale dw, for Q4_1 a min mw) with
+ * it; the same operations at every SIMD level, so all levels agree bit for bit:
+ *   p[b] = sum_{j < 32} wq[32 b + j] q[32 b + j]       exact int32
+ *   acc  = 0;  acc = acc + (dw[b] d[b]) * (float)p[b]   for b = 0, 1, .. in order
+ *   m    = 0;  m   = m + mw[b] s[b]                     for b in order, Q4_1 only
+ *   y    = acc + m
+ * Every multiply and add is a float32 operation of its own: the file is
+ * compiled with floating-point contraction off so no pair is fused into an
+ * FMA at one level and not at another.  One chain per output is enough: the
+ * kernels always work on many outputs at once (16 weight rows per vector at
+ * the AVX-512 level), so the chains' latencies overlap.
  *
- * Threads: every thread quantizes the whole of x for itself (x is at most a
- * few thousand floats per token) instead of sharing one copy, which would need
- * a barrier between quantizing and multiplying.  Quantizing is a pure
- * function of the row, so each y element depends neither on the thread count
- * nor on n_seq: prefill and decode give bit-identical products.
+ * The AVX-512 VNNI kernel puts weight rows in vector lanes: lane r of a
+ * 512-bit register holds 4 consecutive values of row r, so one vpdpbusd
+ * with x's matching 4 bytes broadcast adds 4 products to each of 16 rows, 8
+ * of them make p[b] for 16 rows, and the float work (convert, two multiplies,
+ * an add) is done once per 16 rows instead of once per row.  vpdpbusd takes
+ * unsigned weights, so signed ones are stored as u = wq + off (Q4_0: off 8,
+ * which is the nibble itself; Q8_0: off 128) and the sum starts from
+ * -off * sum_j q[32 b + j]: the same exact integer p[b].
+ * For a prefill (8 or more x rows) each thread first packs a tile of its
+ * rows into that lane layout (the packing is then read once per 8 x rows);
+ * for fewer x rows the kernel builds the same registers from the rows as it
+ * goes (a 16 x 4 transpose of 32-bit words per 16 bytes).  Either way each
+ * y element sees the same operations, whatever n_seq, ith and nth are.
  *
- * Known shortcomings: the kernels take one x row at a time (a prefill reads
- * each weight tile from L2 once per token instead of once per four tokens);
- * the AVX-512 level takes two blocks per 512-bit VNNI step for Q4_1 and
- * Q8_0 but one block at a time for Q4_0; the AVX2 level quantizes x with the
- * generic C code; the Q4_1 min term is a scalar multiply-add per block.
+ * Threads: every thread quantizes the whole of x for itself instead of
+ * sharing one copy, which would need a barrier between quantizing and
+ * multiplying.  Quantizing is a pure function of the row, so each y element
+ * depends neither on the thread count nor on n_seq: prefill and decode give
+ * bit-identical products.
+ *
+ * Known shortcomings: the x quantization is done by both threads (duplicate
+ * work, a few percent of a prefill); the AVX2 level works one row and one x
+ * row at a time, adding each block's 8 partial sums horizontally, and
+ * quantizes x with the generic C code; packing for a prefill costs a pass
+ * over the thread's rows per call (negligible at 512 tokens, not below ~8).
  */
 #pragma GCC optimize("fp-contract=off")
 
@@ -43,28 +57,31 @@
 
 #include "fa_internal.h"
 
-/* One quantized activation row. */
+/* n_seq quantized activation rows of n_in values, nb = n_in / 32 blocks. */
 typedef struct {
-    int8_t *q;  /* [n] */
-    float *d;   /* [n / 32] */
-    float *s;   /* [n / 32] */
-} q8_row;
+    int64_t n_in, nb;
+    const int8_t *q;      /* [n_seq][n_in] */
+    const float *d;       /* [n_seq][nb] */
+    const float *s;       /* [n_seq][nb] */
+    const int32_t *bias;  /* [n_seq][nb]: -off * sum of the block's q */
+} q8_act;
 
-typedef void (*q8_dot_fn)(const uint8_t *w, const q8_row *x, int64_t nb, float *y);
-typedef void (*q8_quant_fn)(const float *x, int64_t nb, q8_row *out);
+/* Rounds one row of nb blocks; bias (may be NULL) gets -off * each block's sum. */
+typedef void (*q8_quant_fn)(const float *x, int64_t nb, int8_t *q, float *d, float *s,
+                            int32_t *bias, int off);
+/* y[t * ldy + r] for rows r0 <= r < r1 of w and all n_seq rows of x. */
+typedef void (*q8_run_fn)(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
+                          const q8_act *x, int64_t n_seq, float *y, int64_t ldy);
 
-/* Sum the four accumulator sets in the documented order. */
-static inline float q8_finish(const float *a0, const float *a1, const float *a2,
-                              const float *a3, const float *m) {
-    float a[8];
-    for (int k = 0; k < 8; k++) a[k] = (a0[k] + a1[k]) + (a2[k] + a3[k]);
-    return (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
-           + ((m[0] + m[1]) + (m[2] + m[3]));
+/* What vpdpbusd-style kernels add to a signed weight to make it unsigned. */
+static int q8_offset(int type) {
+    return type == FA_Q8_0 ? 128 : type == FA_Q4_0 ? 8 : 0;
 }
 
 /* ------------------------------------------------------------- generic */
 
-static void generic_quantize(const float *x, int64_t nb, q8_row *out) {
+static void generic_quantize(const float *x, int64_t nb, int8_t *q, float *d, float *s,
+                             int32_t *bias, int off) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * FA_QK;
         float amax = 0.0f;
@@ -72,16 +89,17 @@ static void generic_quantize(const float *x, int64_t nb, q8_row *out) {
             float a = fabsf(xb[j]);
             if (a > amax) amax = a;
         }
-        float d = amax / 127.0f;
-        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        float db = amax / 127.0f;
+        float id = db != 0.0f ? 1.0f / db : 0.0f;
         int sum = 0;
         for (int j = 0; j < FA_QK; j++) {
             int v = (int)nearbyintf(xb[j] * id);
-            out->q[b * FA_QK + j] = (int8_t)v;
+            q[b * FA_QK + j] = (int8_t)v;
             sum += v;
         }
-        out->d[b] = d;
-        out->s[b] = d * (float)sum;
+        d[b] = db;
+        s[b] = db * (float)sum;
+        if (bias) bias[b] = -off * sum;
     }
 }
 
@@ -107,272 +125,340 @@ static inline void generic_wblock(int type, const uint8_t *w, int64_t b, int8_t 
     }
 }
 
-static inline void generic_dot(int type, const uint8_t *w, const q8_row *x, int64_t nb,
-                               float *y) {
-    float acc[4][8] = {{0}};
-    float m[4] = {0};
+/* Up to Q8_CHUNK x rows share each decoded weight block. */
+#define Q8_CHUNK 8
+
+static void generic_run(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
+                        const q8_act *x, int64_t n_seq, float *y, int64_t ldy) {
+    const int64_t nb = x->nb, n_in = x->n_in;
     int8_t v[FA_QK];
-    for (int64_t b = 0; b < nb; b++) {
-        float dw, mw;
-        generic_wblock(type, w, b, v, &dw, &mw);
-        const int8_t *q = x->q + b * FA_QK;
-        float dd = dw * x->d[b];
-        for (int k = 0; k < 8; k++) {
-            int p = 0;
-            for (int j = 4 * k; j < 4 * k + 4; j++) p += (int)v[j] * (int)q[j];
-            float t = dd * (float)p;
-            acc[b & 3][k] = acc[b & 3][k] + t;
-        }
-        if (type == FA_Q4_1) {
-            float t = mw * x->s[b];
-            m[b & 3] = m[b & 3] + t;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + (size_t)r * rb;
+        for (int64_t t0 = 0; t0 < n_seq; t0 += Q8_CHUNK) {
+            int nt = n_seq - t0 < Q8_CHUNK ? (int)(n_seq - t0) : Q8_CHUNK;
+            float acc[Q8_CHUNK] = {0}, m[Q8_CHUNK] = {0};
+            for (int64_t b = 0; b < nb; b++) {
+                float dw, mw;
+                generic_wblock(type, wr, b, v, &dw, &mw);
+                for (int t = 0; t < nt; t++) {
+                    const int8_t *q = x->q + (t0 + t) * n_in + b * FA_QK;
+                    int p = 0;
+                    for (int j = 0; j < FA_QK; j++) p += (int)v[j] * (int)q[j];
+                    float dd = dw * x->d[(t0 + t) * nb + b];
+                    float tt = dd * (float)p;
+                    acc[t] = acc[t] + tt;
+                    if (type == FA_Q4_1) {
+                        float tm = mw * x->s[(t0 + t) * nb + b];
+                        m[t] = m[t] + tm;
+                    }
+                }
+            }
+            for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = acc[t] + m[t];
         }
     }
-    *y = q8_finish(acc[0], acc[1], acc[2], acc[3], m);
-}
-
-static void generic_dot_q8_0(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    generic_dot(FA_Q8_0, w, x, nb, y);
-}
-static void generic_dot_q4_0(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    generic_dot(FA_Q4_0, w, x, nb, y);
-}
-static void generic_dot_q4_1(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    generic_dot(FA_Q4_1, w, x, nb, y);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
-/* ------------------------------------------------------- AVX2 and VNNI */
+/* ---------------------------------------------------------------- AVX2 */
 
 #define TAVX2 __attribute__((target("avx2,fma,f16c")))
 #define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define INL2 static inline __attribute__((always_inline)) TAVX2
 #define INLV static inline __attribute__((always_inline)) TVNNI
 
-/* The 32 weight values of block b: unsigned (0..15) for Q4_1, signed otherwise.
- * The body is shared by both targets through this macro. */
-#define LOAD_WBLOCK(type, w, b, wv, dw, mw)                                             \
-    do {                                                                               \
-        if (type == FA_Q8_0) {                                                         \
-            const uint8_t *p_ = w + (b) * FA_Q8_0_BYTES;                               \
-            dw = fa_f16_table[fa_read_u16(p_)];                                        \
-            wv = _mm256_loadu_si256((const __m256i *)(p_ + 2));                        \
-        } else {                                                                       \
-            const int q41_ = type == FA_Q4_1;                                          \
-            const uint8_t *p_ = w + (b) * (q41_ ? FA_Q4_1_BYTES : FA_Q4_0_BYTES);      \
-            dw = fa_f16_table[fa_read_u16(p_)];                                        \
-            if (q41_) mw = fa_f16_table[fa_read_u16(p_ + 2)];                          \
-            __m128i qs_ = _mm_loadu_si128((const __m128i *)(p_ + (q41_ ? 4 : 2)));    \
-            const __m128i lo4_ = _mm_set1_epi8(0x0f);                                  \
-            __m128i lo_ = _mm_and_si128(qs_, lo4_);                                    \
-            __m128i hi_ = _mm_and_si128(_mm_srli_epi16(qs_, 4), lo4_);                 \
-            wv = _mm256_inserti128_si256(_mm256_castsi128_si256(lo_), hi_, 1);         \
-            if (!q41_) wv = _mm256_sub_epi8(wv, _mm256_set1_epi8(8));                  \
-        }                                                                              \
-    } while (0)
-
-/* One block into accumulator A and min sum M; PDOT(wv, xv) gives the 8 int32
- * group sums.  The kernel body takes four blocks per iteration so every
- * accumulator is named by a constant (an indexed array of them would live in
- * memory). */
-#define Q8_STEP(type, PDOT, bb, A, M)                                                  \
-    do {                                                                               \
-        float dw_, mw_ = 0.0f;                                                         \
-        __m256i wv_;                                                                   \
-        LOAD_WBLOCK(type, w, bb, wv_, dw_, mw_);                                       \
-        __m256i xv_ = _mm256_loadu_si256((const __m256i *)(x->q + (bb) * FA_QK));      \
-        __m256 pf_ = _mm256_cvtepi32_ps(PDOT(wv_, xv_));                               \
-        A = _mm256_add_ps(A, _mm256_mul_ps(_mm256_set1_ps(dw_ * x->d[bb]), pf_));      \
-        if (type == FA_Q4_1) {                                                         \
-            float tm_ = mw_ * x->s[bb];                                                \
-            M = M + tm_;                                                               \
-        }                                                                              \
-    } while (0)
-
-#define Q8_DOT_BODY(type, PDOT)                                                        \
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                        \
-    float m[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                             \
-    float m0 = 0.0f, m1 = 0.0f, m2 = 0.0f, m3 = 0.0f;                                  \
-    int64_t b = 0;                                                                     \
-    for (; b + 4 <= nb; b += 4) {                                                      \
-        Q8_STEP(type, PDOT, b, a0, m0);                                                \
-        Q8_STEP(type, PDOT, b + 1, a1, m1);                                            \
-        Q8_STEP(type, PDOT, b + 2, a2, m2);                                            \
-        Q8_STEP(type, PDOT, b + 3, a3, m3);                                            \
-    }                                                                                  \
-    if (b < nb) Q8_STEP(type, PDOT, b, a0, m0);                                        \
-    if (b + 1 < nb) Q8_STEP(type, PDOT, b + 1, a1, m1);                                \
-    if (b + 2 < nb) Q8_STEP(type, PDOT, b + 2, a2, m2);                                \
-    float a[4][8];                                                                     \
-    _mm256_storeu_ps(a[0], a0);                                                        \
-    _mm256_storeu_ps(a[1], a1);                                                        \
-    _mm256_storeu_ps(a[2], a2);                                                        \
-    _mm256_storeu_ps(a[3], a3);                                                        \
-    m[0] = m0; m[1] = m1; m[2] = m2; m[3] = m3;                                        \
-    *y = q8_finish(a[0], a[1], a[2], a[3], m);
-
-/* AVX2: maddubs takes unsigned x signed bytes; for signed weights the sign
- * moves onto x (|w| <= 128, |q| <= 127, so pairs stay within int16). */
-#define PDOT_AVX2_U(wv, xv) _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), _mm256_set1_epi16(1))
-#define PDOT_AVX2_S(wv, xv)                                                            \
-    _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)), \
-                      _mm256_set1_epi16(1))
-#define PDOT_VNNI_U(wv, xv) _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv)
-#define PDOT_VNNI_S(wv, xv)                                                            \
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv))
-
-TAVX2 static void avx2_dot_q8_0(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    Q8_DOT_BODY(FA_Q8_0, PDOT_AVX2_S)
-}
-TAVX2 static void avx2_dot_q4_0(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    Q8_DOT_BODY(FA_Q4_0, PDOT_AVX2_S)
-}
-TAVX2 static void avx2_dot_q4_1(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    Q8_DOT_BODY(FA_Q4_1, PDOT_AVX2_U)
-}
-/* Two blocks per 512-bit step: lanes 0-7 hold block b (even) and lanes 8-15
- * block b + 1, so one accumulator's halves are acc[0] and acc[1] of the
- * documented order, and every number is the one the per-block code gives. */
-INLV __m512 vnni_pair_scale(float d0, float d1) {
-    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)),
-                              _mm256_set1_ps(d1), 1);
-}
-
-/* acc[0] holds the pairs starting at b % 4 = 0 (blocks 0 and 1 mod 4),
- * acc[1] those at b % 4 = 2; tail, if any, is the last block, even, which
- * belongs to the low half of acc[tb / 2] for tb = its index mod 4. */
-INLV void vnni_pair_finish(const __m512 *acc, __m256 tail, int64_t tb, const float *m,
-                           float *y) {
-    float a[4][8];
-    __m256 lo0 = _mm512_castps512_ps256(acc[0]), lo2 = _mm512_castps512_ps256(acc[1]);
-    if (tb == 0) lo0 = _mm256_add_ps(lo0, tail);
-    if (tb == 2) lo2 = _mm256_add_ps(lo2, tail);
-    _mm256_storeu_ps(a[0], lo0);
-    _mm256_storeu_ps(a[1], _mm512_extractf32x8_ps(acc[0], 1));
-    _mm256_storeu_ps(a[2], lo2);
-    _mm256_storeu_ps(a[3], _mm512_extractf32x8_ps(acc[1], 1));
-    *y = q8_finish(a[0], a[1], a[2], a[3], m);
-}
-
-/* Blocks b and b + 1 of a Q8_0 row against x: their 16 scaled group sums. */
-INLV __m512 vnni_pair_q8_0(const uint8_t *w, const q8_row *x, int64_t b) {
-    const uint8_t *p0 = w + b * FA_Q8_0_BYTES, *p1 = p0 + FA_Q8_0_BYTES;
-    __m512i wv = _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
-        _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
-    __m512i xv = _mm512_loadu_si512((const void *)(x->q + b * FA_QK));
-    /* |w| as unsigned, the sign of w moved onto x (|q| <= 127) */
-    __mmask64 neg = _mm512_movepi8_mask(wv);
-    xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-    __m512i pi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xv);
-    float d0 = fa_f16_table[fa_read_u16(p0)] * x->d[b];
-    float d1 = fa_f16_table[fa_read_u16(p1)] * x->d[b + 1];
-    return _mm512_mul_ps(vnni_pair_scale(d0, d1), _mm512_cvtepi32_ps(pi));
-}
-
-/* The same for Q4_1, with the blocks' min terms in *u0, *u1. */
-INLV __m512 vnni_pair_q4_1(const uint8_t *w, const q8_row *x, int64_t b, float *u0,
-                           float *u1) {
-    /* [qs0, qs0, qs1, qs1] >> [0, 4, 0, 4] per 128 bits, & 15:
-     * [lo0, hi0, lo1, hi1] = values 0..31 of block b, then of block b + 1 */
-    const __m512i shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
-    const uint8_t *p0 = w + b * FA_Q4_1_BYTES, *p1 = p0 + FA_Q4_1_BYTES;
-    __m512i qs = _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(
-            _mm_loadu_si128((const __m128i *)(p0 + 4)))),
-        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p1 + 4))), 1);
-    __m512i wv = _mm512_and_si512(_mm512_srlv_epi64(qs, shifts), _mm512_set1_epi8(0x0f));
-    __m512i xv = _mm512_loadu_si512((const void *)(x->q + b * FA_QK));
-    __m512i pi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-    float d0 = fa_f16_table[fa_read_u16(p0)] * x->d[b];
-    float d1 = fa_f16_table[fa_read_u16(p1)] * x->d[b + 1];
-    *u0 = fa_f16_table[fa_read_u16(p0 + 2)] * x->s[b];
-    *u1 = fa_f16_table[fa_read_u16(p1 + 2)] * x->s[b + 1];
-    return _mm512_mul_ps(vnni_pair_scale(d0, d1), _mm512_cvtepi32_ps(pi));
-}
-
-/* Four blocks per iteration so every accumulator index is a constant (an
- * indexed array of accumulators would live in memory). */
-TVNNI static void vnni_dot_q8_0(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 4 <= nb; b += 4) {
-        acc0 = _mm512_add_ps(acc0, vnni_pair_q8_0(w, x, b));
-        acc1 = _mm512_add_ps(acc1, vnni_pair_q8_0(w, x, b + 2));
+/* The 32 weight values of block b: unsigned (0..15) for Q4_1, signed otherwise. */
+INL2 __m256i avx2_wblock(int type, const uint8_t *w, int64_t b, float *dw, float *mw) {
+    if (type == FA_Q8_0) {
+        const uint8_t *p = w + b * FA_Q8_0_BYTES;
+        *dw = fa_f16_table[fa_read_u16(p)];
+        return _mm256_loadu_si256((const __m256i *)(p + 2));
     }
-    if (b + 2 <= nb) {
-        acc0 = _mm512_add_ps(acc0, vnni_pair_q8_0(w, x, b));
-        b += 2;
-    }
-    __m256 tail = _mm256_setzero_ps();
-    if (b < nb) {
-        const uint8_t *p0 = w + b * FA_Q8_0_BYTES;
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(p0 + 2));
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + b * FA_QK));
-        __m256 pf = _mm256_cvtepi32_ps(PDOT_VNNI_S(wv, xv));
-        tail = _mm256_mul_ps(_mm256_set1_ps(fa_f16_table[fa_read_u16(p0)] * x->d[b]), pf);
-    }
-    const __m512 acc[2] = {acc0, acc1};
-    const float m[4] = {0};
-    vnni_pair_finish(acc, tail, b < nb ? (b & 3) : -1, m, y);
+    const int q41 = type == FA_Q4_1;
+    const uint8_t *p = w + b * (q41 ? FA_Q4_1_BYTES : FA_Q4_0_BYTES);
+    *dw = fa_f16_table[fa_read_u16(p)];
+    if (q41) *mw = fa_f16_table[fa_read_u16(p + 2)];
+    __m128i qs = _mm_loadu_si128((const __m128i *)(p + (q41 ? 4 : 2)));
+    const __m128i lo4 = _mm_set1_epi8(0x0f);
+    __m128i lo = _mm_and_si128(qs, lo4);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(qs, 4), lo4);
+    __m256i wv = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    if (!q41) wv = _mm256_sub_epi8(wv, _mm256_set1_epi8(8));
+    return wv;
 }
-TVNNI static void vnni_dot_q4_0(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    Q8_DOT_BODY(FA_Q4_0, PDOT_VNNI_S)
+
+/* sum of the 32 products of weight values wv and x bytes xv, exact.  maddubs
+ * takes unsigned x signed bytes; for signed weights the sign moves onto x
+ * (|w| <= 128, |q| <= 127, so pairs stay within int16). */
+INL2 int avx2_pdot(int type, __m256i wv, __m256i xv) {
+    __m256i pr = type == FA_Q4_1
+                     ? _mm256_maddubs_epi16(wv, xv)
+                     : _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+    __m256i s8 = _mm256_madd_epi16(pr, _mm256_set1_epi16(1));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    return _mm_cvtsi128_si32(s4);
 }
-TVNNI static void vnni_dot_q4_1(const uint8_t *w, const q8_row *x, int64_t nb, float *y) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    float m0 = 0.0f, m1 = 0.0f, m2 = 0.0f, m3 = 0.0f, u0, u1, u2, u3;
-    int64_t b = 0;
-    for (; b + 4 <= nb; b += 4) {
-        acc0 = _mm512_add_ps(acc0, vnni_pair_q4_1(w, x, b, &u0, &u1));
-        acc1 = _mm512_add_ps(acc1, vnni_pair_q4_1(w, x, b + 2, &u2, &u3));
-        m0 = m0 + u0;
-        m1 = m1 + u1;
-        m2 = m2 + u2;
-        m3 = m3 + u3;
+
+INL2 void avx2_run_type(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
+                        const q8_act *x, int64_t n_seq, float *y, int64_t ldy) {
+    const int64_t nb = x->nb, n_in = x->n_in;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + (size_t)r * rb;
+        for (int64_t t0 = 0; t0 < n_seq; t0 += Q8_CHUNK) {
+            int nt = n_seq - t0 < Q8_CHUNK ? (int)(n_seq - t0) : Q8_CHUNK;
+            float acc[Q8_CHUNK] = {0}, m[Q8_CHUNK] = {0};
+            for (int64_t b = 0; b < nb; b++) {
+                float dw, mw = 0.0f;
+                __m256i wv = avx2_wblock(type, wr, b, &dw, &mw);
+                for (int t = 0; t < nt; t++) {
+                    const int64_t xb = (t0 + t) * nb + b;
+                    __m256i xv = _mm256_loadu_si256(
+                        (const __m256i *)(x->q + (t0 + t) * n_in + b * FA_QK));
+                    int p = avx2_pdot(type, wv, xv);
+                    float dd = dw * x->d[xb];
+                    float tt = dd * (float)p;
+                    acc[t] = acc[t] + tt;
+                    if (type == FA_Q4_1) {
+                        float tm = mw * x->s[xb];
+                        m[t] = m[t] + tm;
+                    }
+                }
+            }
+            for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = acc[t] + m[t];
+        }
     }
-    if (b + 2 <= nb) {
-        acc0 = _mm512_add_ps(acc0, vnni_pair_q4_1(w, x, b, &u0, &u1));
-        m0 = m0 + u0;
-        m1 = m1 + u1;
-        b += 2;
+}
+
+TAVX2 static void avx2_run(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
+                           const q8_act *x, int64_t n_seq, float *y, int64_t ldy) {
+    if (type == FA_Q8_0) avx2_run_type(FA_Q8_0, w, rb, r0, r1, x, n_seq, y, ldy);
+    else if (type == FA_Q4_0) avx2_run_type(FA_Q4_0, w, rb, r0, r1, x, n_seq, y, ldy);
+    else avx2_run_type(FA_Q4_1, w, rb, r0, r1, x, n_seq, y, ldy);
+}
+
+/* -------------------------------------------------------- AVX-512 VNNI */
+
+/* Rows per lane group, x rows per tile, packed bytes per block of a group:
+ * 8 vectors of weights, then 16 scales, then 16 mins. */
+#define QV_ROWS 16
+#define QV_T 8
+#define QV_BLOCK_BYTES (8 * 64 + 64 + 64)
+
+/* out[k] lane i = 32-bit word k of the 16 bytes at src[i] + off, i < 16. */
+INLV void vnni_t16x4(const uint8_t *const *src, size_t off, __m512i out[4]) {
+    __m512i z[4];
+    for (int i = 0; i < 4; i++) {
+        /* z[i] 128-bit lane j holds row 4 j + i, so the unpacks below leave
+         * row 4 j + i in position 4 j + i */
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(src[i] + off)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src[4 + i] + off)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src[8 + i] + off)), 2);
+        z[i] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src[12 + i] + off)), 3);
     }
-    __m256 tail = _mm256_setzero_ps();
-    if (b < nb) {
-        float dw, mw = 0.0f;
-        __m256i wv;
-        LOAD_WBLOCK(FA_Q4_1, w, b, wv, dw, mw);
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + b * FA_QK));
-        __m256 pf = _mm256_cvtepi32_ps(PDOT_VNNI_U(wv, xv));
-        tail = _mm256_mul_ps(_mm256_set1_ps(dw * x->d[b]), pf);
-        float tm = mw * x->s[b];
-        if ((b & 3) == 0) m0 = m0 + tm;
-        else m2 = m2 + tm;
+    __m512i ab0 = _mm512_unpacklo_epi32(z[0], z[1]), ab1 = _mm512_unpackhi_epi32(z[0], z[1]);
+    __m512i cd0 = _mm512_unpacklo_epi32(z[2], z[3]), cd1 = _mm512_unpackhi_epi32(z[2], z[3]);
+    out[0] = _mm512_unpacklo_epi64(ab0, cd0);
+    out[1] = _mm512_unpackhi_epi64(ab0, cd0);
+    out[2] = _mm512_unpacklo_epi64(ab1, cd1);
+    out[3] = _mm512_unpackhi_epi64(ab1, cd1);
+}
+
+/* Block b of 16 rows in lane layout: wv[k] lane i = unsigned values
+ * 4k .. 4k+3 of row i (wq + off), dw[i] and mw[i] its scale and min. */
+INLV void vnni_wblock(int type, const uint8_t *const *rows, int64_t b, __m512i wv[8],
+                      float *dw, float *mw) {
+    __m512i t[4];
+    if (type == FA_Q8_0) {
+        const size_t o = (size_t)b * FA_Q8_0_BYTES;
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        vnni_t16x4(rows, o + 2, t);
+        for (int k = 0; k < 4; k++) wv[k] = _mm512_xor_si512(t[k], flip);
+        vnni_t16x4(rows, o + 18, t);
+        for (int k = 0; k < 4; k++) wv[4 + k] = _mm512_xor_si512(t[k], flip);
+        for (int i = 0; i < QV_ROWS; i++) dw[i] = fa_f16_table[fa_read_u16(rows[i] + o)];
+        return;
     }
-    const __m512 acc[2] = {acc0, acc1};
-    const float m[4] = {m0, m1, m2, m3};
-    vnni_pair_finish(acc, tail, b < nb ? (b & 3) : -1, m, y);
+    const int q41 = type == FA_Q4_1;
+    const size_t o = (size_t)b * (q41 ? FA_Q4_1_BYTES : FA_Q4_0_BYTES);
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    vnni_t16x4(rows, o + (q41 ? 4 : 2), t);
+    for (int k = 0; k < 4; k++) {
+        wv[k] = _mm512_and_si512(t[k], lo4);
+        wv[4 + k] = _mm512_and_si512(_mm512_srli_epi32(t[k], 4), lo4);
+    }
+    for (int i = 0; i < QV_ROWS; i++) dw[i] = fa_f16_table[fa_read_u16(rows[i] + o)];
+    if (q41)
+        for (int i = 0; i < QV_ROWS; i++) mw[i] = fa_f16_table[fa_read_u16(rows[i] + o + 2)];
+}
+
+/* One group of 16 rows (lane i = row r + i, i < nrows) against T x rows
+ * t0 .. t0 + T - 1.  pk: the group packed by vnni_pack, or NULL to build each
+ * block from rows[] on the way. */
+INLV void vnni_tile(int type, const uint8_t *pk, const uint8_t *const *rows, int64_t r,
+                    __mmask16 lanes, const q8_act *x, int64_t t0, const int T, float *y,
+                    int64_t ldy) {
+    const int64_t nb = x->nb, n_in = x->n_in;
+    const int off = q8_offset(type);
+    __m512 acc[QV_T], m[QV_T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) acc[t] = m[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i wv[8];
+        __m512 dw, mw = _mm512_setzero_ps();
+        const uint8_t *pb = pk ? pk + b * QV_BLOCK_BYTES : NULL;
+        if (pk) {
+            dw = _mm512_loadu_ps((const float *)(pb + 512));
+            if (type == FA_Q4_1) mw = _mm512_loadu_ps((const float *)(pb + 576));
+        } else {
+            float dws[QV_ROWS], mws[QV_ROWS];
+            vnni_wblock(type, rows, b, wv, dws, mws);
+            dw = _mm512_loadu_ps(dws);
+            if (type == FA_Q4_1) mw = _mm512_loadu_ps(mws);
+        }
+        __m512i p[QV_T];
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++)
+            p[t] = off ? _mm512_set1_epi32(x->bias[(t0 + t) * nb + b]) : _mm512_setzero_si512();
+        const int8_t *xq = x->q + t0 * n_in + b * FA_QK;
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            __m512i w = pk ? _mm512_loadu_si512((const void *)(pb + 64 * k)) : wv[k];
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                int32_t x4;
+                memcpy(&x4, xq + t * n_in + 4 * k, 4);
+                p[t] = _mm512_dpbusd_epi32(p[t], w, _mm512_set1_epi32(x4));
+            }
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            const int64_t xb = (t0 + t) * nb + b;
+            __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(x->d[xb]));
+            acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(p[t])));
+            if (type == FA_Q4_1)
+                m[t] = _mm512_add_ps(m[t], _mm512_mul_ps(mw, _mm512_set1_ps(x->s[xb])));
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        _mm512_mask_storeu_ps(y + (t0 + t) * ldy + r, lanes, _mm512_add_ps(acc[t], m[t]));
+}
+
+/* One function per (type, T): inside, T is a constant, so the compiler keeps
+ * p, acc and m in registers. */
+typedef void (*vnni_tile_fn)(const uint8_t *pk, const uint8_t *const *rows, int64_t r,
+                             __mmask16 lanes, const q8_act *x, int64_t t0, float *y,
+                             int64_t ldy);
+#define VNNI_TILE(type, T)                                                             \
+    TVNNI static void vnni_tile_##type##_##T(const uint8_t *pk, const uint8_t *const *rows, \
+                                              int64_t r, __mmask16 lanes, const q8_act *x, \
+                                              int64_t t0, float *y, int64_t ldy) {        \
+        vnni_tile(type, pk, rows, r, lanes, x, t0, T, y, ldy);                            \
+    }
+#define VNNI_TILES(type)                                                               \
+    VNNI_TILE(type, 1) VNNI_TILE(type, 2) VNNI_TILE(type, 3) VNNI_TILE(type, 4)         \
+    VNNI_TILE(type, 5) VNNI_TILE(type, 6) VNNI_TILE(type, 7) VNNI_TILE(type, 8)         \
+    static const vnni_tile_fn vnni_tiles_##type[QV_T + 1] = {                          \
+        NULL, vnni_tile_##type##_1, vnni_tile_##type##_2, vnni_tile_##type##_3,         \
+        vnni_tile_##type##_4, vnni_tile_##type##_5, vnni_tile_##type##_6,               \
+        vnni_tile_##type##_7, vnni_tile_##type##_8};
+VNNI_TILES(FA_Q8_0)
+VNNI_TILES(FA_Q4_0)
+VNNI_TILES(FA_Q4_1)
+
+/* Pointers to rows r .. r + 15 of w; past r1 the last row repeats (its lanes
+ * are computed and never stored).  Returns the mask of real rows. */
+static __mmask16 vnni_group_rows(const uint8_t *w, size_t rb, int64_t r, int64_t r1,
+                                 const uint8_t **rows) {
+    int n = r1 - r < QV_ROWS ? (int)(r1 - r) : QV_ROWS;
+    for (int i = 0; i < QV_ROWS; i++) rows[i] = w + (size_t)(r + (i < n ? i : n - 1)) * rb;
+    return (__mmask16)((1u << n) - 1);
+}
+
+/* The lane layout of one group, every block, into pk. */
+TVNNI static void vnni_pack(int type, const uint8_t *const *rows, int64_t nb, uint8_t *pk) {
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i wv[8];
+        uint8_t *pb = pk + b * QV_BLOCK_BYTES;
+        float *dw = (float *)(pb + 512), *mw = (float *)(pb + 576);
+        vnni_wblock(type, rows, b, wv, dw, mw);
+        for (int k = 0; k < 8; k++) _mm512_storeu_si512((void *)(pb + 64 * k), wv[k]);
+        if (type != FA_Q4_1) memset(mw, 0, 64);
+    }
+}
+
+/* Bytes of packed groups a tile may take: the tile stays in L2 while every
+ * group of 8 x rows passes over it. */
+#define QV_TILE_BYTES (384 * 1024)
+
+TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
+                           const q8_act *x, int64_t n_seq, float *y, int64_t ldy) {
+    const vnni_tile_fn *tiles = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0
+                                : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0
+                                                  : vnni_tiles_FA_Q4_1;
+    const int64_t nb = x->nb;
+    const size_t group_bytes = (size_t)nb * QV_BLOCK_BYTES;
+    const int64_t n_groups = (r1 - r0 + QV_ROWS - 1) / QV_ROWS;
+    const uint8_t *rows[QV_ROWS];
+
+    /* packing pays off once several x rows read it; without memory for it
+     * the same numbers come from the unpacked path */
+    int64_t tile = (int64_t)(QV_TILE_BYTES / group_bytes);
+    if (tile < 1) tile = 1;
+    if (tile > n_groups) tile = n_groups;
+    uint8_t *pk = n_seq >= QV_T ? malloc((size_t)tile * group_bytes) : NULL;
+    if (!pk) {
+        for (int64_t r = r0; r < r1; r += QV_ROWS) {
+            __mmask16 lanes = vnni_group_rows(w, rb, r, r1, rows);
+            for (int64_t t0 = 0; t0 < n_seq; t0 += QV_T) {
+                int nt = n_seq - t0 < QV_T ? (int)(n_seq - t0) : QV_T;
+                tiles[nt](NULL, rows, r, lanes, x, t0, y, ldy);
+            }
+        }
+        return;
+    }
+    for (int64_t g0 = 0; g0 < n_groups; g0 += tile) {
+        int64_t g1 = g0 + tile < n_groups ? g0 + tile : n_groups;
+        for (int64_t g = g0; g < g1; g++) {
+            vnni_group_rows(w, rb, r0 + g * QV_ROWS, r1, rows);
+            vnni_pack(type, rows, nb, pk + (size_t)(g - g0) * group_bytes);
+        }
+        for (int64_t t0 = 0; t0 < n_seq; t0 += QV_T) {
+            int nt = n_seq - t0 < QV_T ? (int)(n_seq - t0) : QV_T;
+            for (int64_t g = g0; g < g1; g++) {
+                int64_t r = r0 + g * QV_ROWS;
+                int n = r1 - r < QV_ROWS ? (int)(r1 - r) : QV_ROWS;
+                tiles[nt](pk + (size_t)(g - g0) * group_bytes, NULL, r,
+                          (__mmask16)((1u << n) - 1), x, t0, y, ldy);
+            }
+        }
+    }
+    free(pk);
 }
 
 /* The generic quantizer's numbers, 16 values at a time: the max is exact in
  * any order, d and 1/d are the same scalar divisions, and cvtps rounds to
  * nearest even as nearbyintf does. */
-TVNNI static void avx512_quantize(const float *x, int64_t nb, q8_row *out) {
+TVNNI static void avx512_quantize(const float *x, int64_t nb, int8_t *q, float *d, float *s,
+                                  int32_t *bias, int off) {
     for (int64_t b = 0; b < nb; b++) {
         __m512 x0 = _mm512_loadu_ps(x + b * FA_QK);
         __m512 x1 = _mm512_loadu_ps(x + b * FA_QK + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-        float d = amax / 127.0f;
-        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        float db = amax / 127.0f;
+        float id = db != 0.0f ? 1.0f / db : 0.0f;
         __m512 vid = _mm512_set1_ps(id);
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid));
         __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
-        _mm_storeu_si128((__m128i *)(out->q + b * FA_QK), _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(out->q + b * FA_QK + 16), _mm512_cvtepi32_epi8(q1));
+        _mm_storeu_si128((__m128i *)(q + b * FA_QK), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + b * FA_QK + 16), _mm512_cvtepi32_epi8(q1));
         int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-        out->d[b] = d;
-        out->s[b] = d * (float)sum;
+        d[b] = db;
+        s[b] = db * (float)sum;
+        if (bias) bias[b] = -off * sum;
     }
 }
 #define HAVE_X86_Q8 1
@@ -381,17 +467,14 @@ TVNNI static void avx512_quantize(const float *x, int64_t nb, q8_row *out) {
 /* ------------------------------------------------------------ dispatch */
 
 typedef struct {
-    q8_dot_fn q8_0, q4_0, q4_1;
+    q8_run_fn run;
     q8_quant_fn quantize;
 } q8_kernels;
 
-static const q8_kernels q8_generic = {generic_dot_q8_0, generic_dot_q4_0,
-                                      generic_dot_q4_1, generic_quantize};
+static const q8_kernels q8_generic = {generic_run, generic_quantize};
 #ifdef HAVE_X86_Q8
-static const q8_kernels q8_avx2 = {avx2_dot_q8_0, avx2_dot_q4_0, avx2_dot_q4_1,
-                                   generic_quantize};
-static const q8_kernels q8_vnni = {vnni_dot_q8_0, vnni_dot_q4_0, vnni_dot_q4_1,
-                                   avx512_quantize};
+static const q8_kernels q8_avx2 = {avx2_run, generic_quantize};
+static const q8_kernels q8_vnni = {vnni_run, avx512_quantize};
 #endif
 
 /* The table for the SIMD level in use; the AVX-512 level takes the VNNI
@@ -416,13 +499,12 @@ int fa_act_q8_supports(int type) {
 
 void fa_quantize_act_q8(const float *x, int64_t n, int8_t *q, float *d, float *s) {
     if (!x || !q || !d || !s || n <= 0 || n % FA_QK) return;
-    q8_row r = {q, d, s};
-    q8_current()->quantize(x, n / FA_QK, &r);
+    q8_current()->quantize(x, n / FA_QK, q, d, s, NULL, 0);
 }
 
 /* Bytes one quantized row of n_in values takes in the scratch buffer. */
 static size_t q8_row_bytes(int64_t n_in) {
-    return (size_t)n_in + 2 * sizeof(float) * (size_t)(n_in / FA_QK);
+    return (size_t)n_in + 3 * sizeof(float) * (size_t)(n_in / FA_QK);
 }
 
 void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, int ith,
@@ -434,7 +516,6 @@ void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, i
         return;
     }
     const q8_kernels *k = q8_current();
-    q8_dot_fn dot = w->type == FA_Q8_0 ? k->q8_0 : w->type == FA_Q4_0 ? k->q4_0 : k->q4_1;
     const int64_t n_in = w->n_in, n_out = w->n_out, nb = n_in / FA_QK;
     int64_t r0, r1;
     fa_share(n_out, ith, nth, &r0, &r1);
@@ -452,25 +533,16 @@ void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, i
         fa_matmul(w, x, y, n_seq, ith, nth);
         return;
     }
-    /* layout: all d, then all s (4-byte aligned), then all q */
+    /* layout: all d, all s, all bias (4-byte aligned), then all q */
     float *dall = (float *)buf, *sall = dall + n_seq * nb;
-    int8_t *qall = (int8_t *)(sall + n_seq * nb);
-    for (int64_t s = 0; s < n_seq; s++) {
-        q8_row r = {qall + s * n_in, dall + s * nb, sall + s * nb};
-        k->quantize(x + s * n_in, nb, &r);
-    }
-
-    const uint8_t *wdata = (const uint8_t *)w->data;
-    int64_t tile = (int64_t)((256 * 1024) / rb);  /* rows kept in L2 across x rows */
-    if (tile < 1) tile = 1;
-    for (int64_t rt = r0; rt < r1; rt += tile) {
-        int64_t rt_end = rt + tile < r1 ? rt + tile : r1;
-        for (int64_t s = 0; s < n_seq; s++) {
-            q8_row r = {qall + s * n_in, dall + s * nb, sall + s * nb};
-            float *ys = y + s * n_out;
-            for (int64_t i = rt; i < rt_end; i++) dot(wdata + (size_t)i * rb, &r, nb, ys + i);
-        }
-    }
+    int32_t *ball = (int32_t *)(sall + n_seq * nb);
+    int8_t *qall = (int8_t *)(ball + n_seq * nb);
+    const int off = q8_offset(w->type);
+    for (int64_t s = 0; s < n_seq; s++)
+        k->quantize(x + s * n_in, nb, qall + s * n_in, dall + s * nb, sall + s * nb,
+                    ball + s * nb, off);
+    const q8_act xa = {n_in, nb, qall, dall, sall, ball};
+    k->run(w->type, (const uint8_t *)w->data, rb, r0, r1, &xa, n_seq, y, n_out);
     if (buf != stack_buf) free(buf);
 }
 
