@@ -1,5 +1,5 @@
 /*
- * fastattn C kernels: the one header every csrc/*.c file and both Cython
+ * fastattn C kernels: the one header every C file in csrc/ and both Cython
  * modules include.
  *
  * Shapes use one notation across the project:
@@ -69,6 +69,17 @@ const char *fa_simd_name(int level);
  * decode of the same token give bit-identical products. */
 void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                int ith, int nth);
+
+/* Panel packing (csrc/packed.c): a copy of a weight laid out for the panel
+ * kernels, which fa_matmul uses when w->packed points at it.  Products with a
+ * packed weight differ from the unpacked ones in rounding only (another order
+ * of the same sums), and are the same whatever n_seq, ith, nth and SIMD level.
+ * fa_packed_bytes: bytes the copy takes, or 0 if w cannot be packed (unknown
+ * type, a block type with n_in / 32 > 8192, inconsistent sizes).
+ * fa_pack_weight: fill dst (dst_bytes >= fa_packed_bytes(w)); 0, or -1 on bad
+ * arguments.  Runs on the calling thread (about 0.1 s for 135M 4-bit weights). */
+size_t fa_packed_bytes(const fa_weight *w);
+int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes);
 
 /* The rows [*r0, *r1) of y that fa_matmul_act(act, w, ...) writes on thread
  * ith of nth.  A caller that fuses an element-wise step into the product (a

@@ -16,6 +16,7 @@
 #endif
 
 #include "fa_internal.h"
+#include "packed.h"
 
 /* ------------------------------------------------------ generic kernels */
 
@@ -167,6 +168,10 @@ static int weight_ok(const fa_weight *w) {
 void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                int ith, int nth) {
     if (!weight_ok(w) || !x || !y || n_seq <= 0) return;
+    if (w->packed) {
+        fa_matmul_packed(w, x, y, n_seq, ith, nth);
+        return;
+    }
     const fa_kernels *k = fa_kernels_current();
     fa_dot_fn dot = fa_dot_for(k, w->type);
     if (!dot) return;
@@ -194,10 +199,12 @@ void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
 
 void fa_matmul_share(int act, const fa_weight *w, int ith, int nth, int64_t *r0,
                      int64_t *r1) {
-    (void)act;
     *r0 = *r1 = 0;
     if (!w || w->n_out <= 0) return;
-    fa_share(w->n_out, ith, nth, r0, r1);
+    if (w->packed && !(act == FA_ACT_Q8 && fa_act_q8_supports(w->type)))
+        fa_packed_share(w, ith, nth, r0, r1);
+    else
+        fa_share(w->n_out, ith, nth, r0, r1);
 }
 
 void fa_parallel_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,

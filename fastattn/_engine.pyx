@@ -6,6 +6,12 @@
     model.forward(state, ids, all_logits, n_threads) -> logits
     model.decode(state, token, n_threads) -> logits [n_vocab]
 
+Every matrix the layers multiply by (and the output head) is repacked at
+build into 16-row panels (csrc/packed.c), which costs a second copy of those
+weights in memory; the token embedding stays as the file has it.  In the q8
+activation mode the Q4_0, Q4_1 and Q8_0 matrices keep only their file form,
+which is what the q8 kernels read.
+
 fastattn.model.Transformer validates names, types and shapes and builds these;
 this module checks again every size it hands to C, so that no call from
 Python can make the C code read or write out of bounds.  A Model keeps a
@@ -35,6 +41,9 @@ cdef extern from "model.h" nogil:
         const void *packed
 
     size_t fa_row_bytes(int type, int64_t n_in)
+    size_t fa_packed_bytes(const fa_weight *w)
+    int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes)
+    int fa_act_q8_supports(int type)
 
     ctypedef struct fa_layer:
         const float *attn_norm_w
@@ -139,6 +148,7 @@ cdef class Model:
         m.token_embd = self._weight(matrices, "token_embd.weight", config.n_vocab, E)
         out_name = "output.weight" if "output.weight" in matrices else "token_embd.weight"
         m.output = self._weight(matrices, out_name, config.n_vocab, E)
+        self._pack(&m.output, out_name, act)
         m.output_norm_w = self._vector(vectors, "output_norm.weight", E, True)
         m.output_norm_b = self._vector(vectors, "output_norm.bias", E, gpt2)
         if gpt2:
@@ -152,22 +162,30 @@ cdef class Model:
             L.ffn_norm_w = self._vector(vectors, p + "ffn_norm.weight", E, True)
             L.ffn_norm_b = self._vector(vectors, p + "ffn_norm.bias", E, gpt2)
             L.attn_output = self._weight(matrices, p + "attn_output.weight", E, E)
+            self._pack(&L.attn_output, p + "attn_output.weight", act)
             L.attn_output_b = self._vector(vectors, p + "attn_output.bias", E, gpt2)
             L.ffn_up = self._weight(matrices, p + "ffn_up.weight", F, E)
+            self._pack(&L.ffn_up, p + "ffn_up.weight", act)
             L.ffn_up_b = self._vector(vectors, p + "ffn_up.bias", F, gpt2)
             L.ffn_down = self._weight(matrices, p + "ffn_down.weight", E, F)
+            self._pack(&L.ffn_down, p + "ffn_down.weight", act)
             L.ffn_down_b = self._vector(vectors, p + "ffn_down.bias", E, gpt2)
             if gpt2:
                 L.attn_qkv = self._weight(matrices, p + "attn_qkv.weight", 3 * E, E)
+                self._pack(&L.attn_qkv, p + "attn_qkv.weight", act)
                 L.attn_qkv_b = self._vector(vectors, p + "attn_qkv.bias", 3 * E, True)
             else:
                 L.attn_q = self._weight(matrices, p + "attn_q.weight", E, E)
+                self._pack(&L.attn_q, p + "attn_q.weight", act)
                 L.attn_k = self._weight(matrices, p + "attn_k.weight", Ekv, E)
+                self._pack(&L.attn_k, p + "attn_k.weight", act)
                 L.attn_v = self._weight(matrices, p + "attn_v.weight", Ekv, E)
+                self._pack(&L.attn_v, p + "attn_v.weight", act)
                 L.attn_q_b = self._vector(vectors, p + "attn_q.bias", E, False)
                 L.attn_k_b = self._vector(vectors, p + "attn_k.bias", Ekv, False)
                 L.attn_v_b = self._vector(vectors, p + "attn_v.bias", Ekv, False)
                 L.ffn_gate = self._weight(matrices, p + "ffn_gate.weight", F, E)
+                self._pack(&L.ffn_gate, p + "ffn_gate.weight", act)
                 L.ffn_gate_b = self._vector(vectors, p + "ffn_gate.bias", F, False)
 
         if fa_model_check(&self.m) != FA_OK:
@@ -202,6 +220,29 @@ cdef class Model:
         w.row_bytes = rb
         w.packed = NULL
         return w
+
+    cdef int _pack(self, fa_weight *w, str name, int act) except -1:
+        """Point w.packed at a panel-packed copy of w, kept alive by self."""
+        if act == 1 and fa_act_q8_supports(w.type):
+            return 0
+        cdef size_t n = fa_packed_bytes(w)
+        if n == 0:
+            return 0  # a block row too long to pack: the unpacked kernels take it
+        try:
+            buf = np.empty(n + 64, dtype=np.uint8)
+        except MemoryError:
+            raise OutOfMemoryError(f"fastattn: cannot allocate {n} bytes to repack "
+                                   f"weight {name}") from None
+        buf = buf[(-buf.ctypes.data) % 64:][:n]
+        cdef void *dst = cnp.PyArray_DATA(<cnp.ndarray>buf)
+        cdef int rc
+        with nogil:
+            rc = fa_pack_weight(w, dst, n)
+        if rc != 0:
+            raise FastAttnError(f"fastattn: weight {name} could not be repacked")
+        self.keep.append(buf)
+        w.packed = dst
+        return 0
 
     cdef const float *_vector(self, dict vectors, str name, int64_t n,
                               bint required) except? NULL:

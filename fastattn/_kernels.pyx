@@ -40,6 +40,8 @@ cdef extern from "fastattn.h" nogil:
         const void *packed
 
     size_t fa_row_bytes(int type, int64_t n_in)
+    size_t fa_packed_bytes(const fa_weight *w)
+    int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes)
     int fa_simd_level()
     int fa_set_simd_level(int level)
     const char *fa_simd_name(int level)
@@ -111,6 +113,7 @@ cdef class _Weight:
     """A checked fa_weight view that keeps its byte buffer alive."""
     cdef fa_weight w
     cdef object data
+    cdef object packed_buf
     cdef str name
 
     def __init__(self, w):
@@ -159,8 +162,31 @@ cdef class _Weight:
         self.w.row_bytes = rb
         self.w.packed = NULL
 
+    cdef pack(self):
+        """Point w.packed at a panel-packed copy (csrc/packed.c)."""
+        cdef size_t n = fa_packed_bytes(&self.w)
+        if n == 0:
+            raise ValueError(f"{self.name}: cannot be packed ({type_name(self.w.type)}, "
+                             f"n_in = {self.w.n_in})")
+        buf = np.empty(n + 64, dtype=np.uint8)
+        buf = buf[(-buf.ctypes.data) % 64:][:n]
+        cdef void *dst = cnp.PyArray_DATA(<cnp.ndarray>buf)
+        cdef int rc
+        with nogil:
+            rc = fa_pack_weight(&self.w, dst, n)
+        if rc != 0:
+            raise ValueError(f"{self.name}: packing failed")
+        self.packed_buf = buf
+        self.w.packed = dst
+
 
 # ---------------------------------------------------------------- products
+
+
+def packed_bytes(w):
+    """fa_packed_bytes: bytes of w's panel-packed copy, 0 if it cannot be packed."""
+    cdef _Weight wt = _Weight(w)
+    return fa_packed_bytes(&wt.w)
 
 
 def row_bytes(qtype, n_in):
@@ -170,10 +196,13 @@ def row_bytes(qtype, n_in):
                         _as_int(n_in, "n_in", -(1 << 62), 1 << 62))
 
 
-def matmul(w, x, n_threads=None):
+def matmul(w, x, n_threads=None, packed=False):
     """y = x W^T.  w: WeightTensor or (data, qtype, (n_out, n_in));
-    x [n_seq, n_in] (or [n_in]) float32 -> y [n_seq, n_out] (or [n_out])."""
+    x [n_seq, n_in] (or [n_in]) float32 -> y [n_seq, n_out] (or [n_out]).
+    packed: repack w into 16-row panels first (what a Model does at load)."""
     cdef _Weight wt = _Weight(w)
+    if packed:
+        wt.pack()
     cdef int nt = _threads(n_threads)
     squeeze = isinstance(x, np.ndarray) and x.ndim == 1
     cdef cnp.ndarray xa = _f32(x[None, :] if squeeze else x, "x", 2)

@@ -1,0 +1,223 @@
+/*
+ * AVX-512 kernels over panel-packed weights (layout and arithmetic: packed.h).
+ * One 512-bit vector is one panel's 16 rows, so each output row is one lane
+ * and its chain of fused multiply-adds is the one the generic C code runs.
+ *
+ * A call runs NP panels over NT tokens with NP x NT accumulators (and as many
+ * block partial sums for the quantized types) held in registers:
+ *   decode   NP = 4, NT = 1   four independent chains hide the FMA latency
+ *   prefill  NP = 2, NT = 6   each decoded weight vector feeds 6 tokens
+ * A 4-bit column costs one shift and one vpermps (which reads only the low
+ * 4 bits of each index lane, so the nibble needs no mask) to become 16 floats.
+ */
+#include "packed.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define INL static inline __attribute__((always_inline)) T512
+
+INL void store_rows(float *y, __m512 v, int64_t rows) {
+    if (rows >= 16)
+        _mm512_storeu_ps(y, v);
+    else if (rows > 0)
+        _mm512_mask_storeu_ps(y, (__mmask16)((1u << rows) - 1), v);
+}
+
+INL __m512 load_column(int type, const uint8_t *w, int64_t k) {
+    if (type == FA_F32) return _mm512_loadu_ps((const float *)w + 16 * k);
+    __m256i h = _mm256_loadu_si256((const __m256i *)(w + 32 * k));
+    if (type == FA_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+INL void float_tile(const int type, const uint8_t *w, size_t pb, const int NP,
+                    const float *x, int64_t ldx, const int NT, int64_t n_in, float *y,
+                    int64_t ldy, int64_t rows) {
+    __m512 acc[4][6];
+    _Pragma("GCC unroll 8")
+    for (int p = 0; p < NP; p++)
+        _Pragma("GCC unroll 8")
+        for (int t = 0; t < NT; t++) acc[p][t] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n_in; k++) {
+        __m512 wv[4];
+        _Pragma("GCC unroll 8")
+        for (int p = 0; p < NP; p++) wv[p] = load_column(type, w + p * pb, k);
+        _Pragma("GCC unroll 8")
+        for (int t = 0; t < NT; t++) {
+            __m512 xv = _mm512_set1_ps(x[t * ldx + k]);
+            _Pragma("GCC unroll 8")
+            for (int p = 0; p < NP; p++) acc[p][t] = _mm512_fmadd_ps(wv[p], xv, acc[p][t]);
+        }
+    }
+    _Pragma("GCC unroll 8")
+    for (int p = 0; p < NP; p++)
+        _Pragma("GCC unroll 8")
+        for (int t = 0; t < NT; t++) store_rows(y + t * ldy + 16 * p, acc[p][t], rows - 16 * p);
+}
+
+INL void block_tile(const int type, const uint8_t *w, size_t pb, const int NP,
+                    const float *x, int64_t ldx, const float *sx, int64_t ldsx,
+                    const int NT, int64_t n_in, float *y, int64_t ldy, int64_t rows) {
+    const size_t bb = type == FA_Q8_0 ? 544 : type == FA_Q4_0 ? 288 : 320;
+    const size_t qoff = type == FA_Q4_1 ? 64 : 32;
+    const __m512 table = type == FA_Q4_0
+        ? _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7)
+        : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 acc[4][6];
+    _Pragma("GCC unroll 8")
+    for (int p = 0; p < NP; p++)
+        _Pragma("GCC unroll 8")
+        for (int t = 0; t < NT; t++) acc[p][t] = _mm512_setzero_ps();
+
+    for (int64_t b = 0; b < n_in / FA_QK; b++) {
+        const uint8_t *blk = w + (size_t)b * bb;
+        const float *xb = x + b * FA_QK;
+        __m512 a[4][6];
+        if (type == FA_Q8_0) {
+            for (int j = 0; j < FA_QK; j++) {
+                __m512 q[4];
+                _Pragma("GCC unroll 8")
+                for (int p = 0; p < NP; p++)
+                    q[p] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        (const __m128i *)(blk + p * pb + 32 + 16 * j))));
+                _Pragma("GCC unroll 8")
+                for (int t = 0; t < NT; t++) {
+                    __m512 xv = _mm512_set1_ps(xb[t * ldx + j]);
+                    _Pragma("GCC unroll 8")
+                    for (int p = 0; p < NP; p++)
+                        a[p][t] = j == 0 ? _mm512_mul_ps(q[p], xv)
+                                         : _mm512_fmadd_ps(q[p], xv, a[p][t]);
+                }
+            }
+        } else {
+            _Pragma("GCC unroll 8")
+            for (int g = 0; g < 4; g++) {
+                __m512i nib[4];
+                _Pragma("GCC unroll 8")
+                for (int p = 0; p < NP; p++)
+                    nib[p] = _mm512_loadu_si512((const void *)(blk + p * pb + qoff + 64 * g));
+                _Pragma("GCC unroll 8")
+                for (int j = 0; j < 8; j++) {
+                    __m512 q[4];
+                    _Pragma("GCC unroll 8")
+                    for (int p = 0; p < NP; p++) {
+                        q[p] = _mm512_permutexvar_ps(nib[p], table);
+                        nib[p] = _mm512_srli_epi32(nib[p], 4);
+                    }
+                    _Pragma("GCC unroll 8")
+                    for (int t = 0; t < NT; t++) {
+                        __m512 xv = _mm512_set1_ps(xb[t * ldx + 8 * g + j]);
+                        _Pragma("GCC unroll 8")
+                        for (int p = 0; p < NP; p++)
+                            a[p][t] = g == 0 && j == 0 ? _mm512_mul_ps(q[p], xv)
+                                                       : _mm512_fmadd_ps(q[p], xv, a[p][t]);
+                    }
+                }
+            }
+        }
+        _Pragma("GCC unroll 8")
+        for (int p = 0; p < NP; p++) {
+            const uint8_t *bp = blk + p * pb;
+            __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)bp));
+            _Pragma("GCC unroll 8")
+            for (int t = 0; t < NT; t++) acc[p][t] = _mm512_fmadd_ps(d, a[p][t], acc[p][t]);
+            if (type == FA_Q4_1) {
+                __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 32)));
+                _Pragma("GCC unroll 8")
+                for (int t = 0; t < NT; t++)
+                    acc[p][t] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[t * ldsx + b]), acc[p][t]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 8")
+    for (int p = 0; p < NP; p++)
+        _Pragma("GCC unroll 8")
+        for (int t = 0; t < NT; t++) store_rows(y + t * ldy + 16 * p, acc[p][t], rows - 16 * p);
+}
+
+/* One function per type, switching to a tile shape fixed at compile time so
+ * the accumulator arrays live in registers. */
+#define SHAPES(CALL)                                                                   \
+    switch (np * 8 + nt) {                                                             \
+    case 1 * 8 + 1: CALL(1, 1); break;                                                 \
+    case 2 * 8 + 1: CALL(2, 1); break;                                                 \
+    case 3 * 8 + 1: CALL(3, 1); break;                                                 \
+    case 4 * 8 + 1: CALL(4, 1); break;                                                 \
+    case 1 * 8 + 2: CALL(1, 2); break;                                                 \
+    case 1 * 8 + 3: CALL(1, 3); break;                                                 \
+    case 1 * 8 + 4: CALL(1, 4); break;                                                 \
+    case 1 * 8 + 5: CALL(1, 5); break;                                                 \
+    case 1 * 8 + 6: CALL(1, 6); break;                                                 \
+    case 2 * 8 + 2: CALL(2, 2); break;                                                 \
+    case 2 * 8 + 3: CALL(2, 3); break;                                                 \
+    case 2 * 8 + 4: CALL(2, 4); break;                                                 \
+    case 2 * 8 + 5: CALL(2, 5); break;                                                 \
+    case 2 * 8 + 6: CALL(2, 6); break;                                                 \
+    default: break;                                                                    \
+    }
+
+#define FLOAT_RUN(name, TYPE)                                                          \
+    static T512 void name(const uint8_t *w, size_t pb, int np, const float *x,         \
+                          int64_t ldx, int nt, int64_t n_in, float *y, int64_t ldy,    \
+                          int64_t rows) {                                              \
+        _Pragma("GCC diagnostic push")                                                 \
+        _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                    \
+        SHAPES(FLOAT_CALL)                                                             \
+        _Pragma("GCC diagnostic pop")                                                  \
+    }
+#define FLOAT_CALL(NP, NT) float_tile(TYPE_, w, pb, NP, x, ldx, NT, n_in, y, ldy, rows)
+
+#define BLOCK_RUN(name)                                                                \
+    static T512 void name(const uint8_t *w, size_t pb, int np, const float *x,         \
+                          int64_t ldx, const float *sx, int64_t ldsx, int nt,          \
+                          int64_t n_in, float *y, int64_t ldy, int64_t rows) {         \
+        _Pragma("GCC diagnostic push")                                                 \
+        _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                    \
+        SHAPES(BLOCK_CALL)                                                             \
+        _Pragma("GCC diagnostic pop")                                                  \
+    }
+#define BLOCK_CALL(NP, NT)                                                             \
+    block_tile(TYPE_, w, pb, NP, x, ldx, sx, ldsx, NT, n_in, y, ldy, rows)
+
+#define TYPE_ FA_F32
+FLOAT_RUN(run_f32, FA_F32)
+#undef TYPE_
+#define TYPE_ FA_F16
+FLOAT_RUN(run_f16, FA_F16)
+#undef TYPE_
+#define TYPE_ FA_BF16
+FLOAT_RUN(run_bf16, FA_BF16)
+#undef TYPE_
+#define TYPE_ FA_Q8_0
+BLOCK_RUN(run_q8_0)
+#undef TYPE_
+#define TYPE_ FA_Q4_0
+BLOCK_RUN(run_q4_0)
+#undef TYPE_
+#define TYPE_ FA_Q4_1
+BLOCK_RUN(run_q4_1)
+#undef TYPE_
+
+static void avx512_run(int type, const uint8_t *w, size_t pb, int np, const float *x,
+                       int64_t ldx, const float *sx, int64_t ldsx, int nt, int64_t n_in,
+                       float *y, int64_t ldy, int64_t rows) {
+    switch (type) {
+    case FA_F32: run_f32(w, pb, np, x, ldx, nt, n_in, y, ldy, rows); break;
+    case FA_F16: run_f16(w, pb, np, x, ldx, nt, n_in, y, ldy, rows); break;
+    case FA_BF16: run_bf16(w, pb, np, x, ldx, nt, n_in, y, ldy, rows); break;
+    case FA_Q8_0: run_q8_0(w, pb, np, x, ldx, sx, ldsx, nt, n_in, y, ldy, rows); break;
+    case FA_Q4_0: run_q4_0(w, pb, np, x, ldx, sx, ldsx, nt, n_in, y, ldy, rows); break;
+    case FA_Q4_1: run_q4_1(w, pb, np, x, ldx, sx, ldsx, nt, n_in, y, ldy, rows); break;
+    default: break;
+    }
+}
+
+const fa_panel_kernels fa_panel_kernels_avx512 = {avx512_run, 4, 2, 6};
+
+#else  /* not x86-64 with GCC: dispatch never selects this level */
+
+const fa_panel_kernels fa_panel_kernels_avx512 = {0, 1, 1, 1};
+
+#endif

@@ -1,0 +1,114 @@
+"""Panel-packed weights (csrc/packed.c): the products a Model runs.
+
+What must hold: packed products agree with a float64 product of the
+dequantized weight; each output is the same bits whatever the number of
+tokens in the call, the thread count and the SIMD level (prefill == decode
+rests on this); rows past the last full panel come out right; weights that
+cannot be packed say so.
+"""
+import numpy as np
+import pytest
+
+from fastattn import _kernels as K
+from fastattn import weights as W
+
+LEVELS = K.available_simd_levels()
+TYPES = [W.F32, W.F16, W.BF16, W.Q8_0, W.Q4_0, W.Q4_1]
+# (n_out, n_in): a partial panel, exact panels, odd panel counts, long rows
+SHAPES = [(37, 64), (48, 96), (16, 32), (1, 32), (100, 1536), (200, 576)]
+
+
+@pytest.fixture
+def level():
+    before = K.simd_level()
+    yield
+    K.set_simd_level(before)
+
+
+def _case(qtype, n_out, n_in, n_seq, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    data = W.quantize(w, qtype)
+    x = rng.standard_normal((n_seq, n_in)).astype(np.float32)
+    return (data, qtype, (n_out, n_in)), x
+
+
+def _reference(wt, x):
+    data, qtype, shape = wt
+    deq = W.dequantize(data, qtype, shape).astype(np.float64)
+    return x.astype(np.float64) @ deq.T
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=W.type_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_packed_matches_float64(level, qtype, shape):
+    wt, x = _case(qtype, *shape, n_seq=9)
+    ref = _reference(wt, x)
+    scale = np.abs(ref).max()
+    results = {}
+    for lv in LEVELS:
+        K.set_simd_level(lv)
+        y = K.matmul(wt, x, packed=True)
+        assert y.shape == ref.shape
+        err = np.abs(y - ref).max() / scale
+        assert err < 2e-6, (lv, err)
+        results[lv] = y
+    # every level runs the same chain of fused multiply-adds per output
+    for lv, y in results.items():
+        np.testing.assert_array_equal(y, results[LEVELS[0]], err_msg=f"level {lv}")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=W.type_name)
+def test_packed_same_bits_for_any_call_shape(level, qtype):
+    wt, x = _case(qtype, 200, 576, n_seq=23, seed=1)
+    for lv in LEVELS:
+        K.set_simd_level(lv)
+        whole = K.matmul(wt, x, packed=True, n_threads=1)
+        one_by_one = np.stack([K.matmul(wt, x[s], packed=True) for s in range(len(x))])
+        np.testing.assert_array_equal(whole, one_by_one, err_msg=f"{lv}: n_seq changed bits")
+        for threads in (2, 3, 5):
+            np.testing.assert_array_equal(
+                whole, K.matmul(wt, x, packed=True, n_threads=threads),
+                err_msg=f"{lv}: {threads} threads changed bits")
+        pieces = np.concatenate([K.matmul(wt, x[a:b], packed=True)
+                                 for a, b in ((0, 5), (5, 6), (6, 23))])
+        np.testing.assert_array_equal(whole, pieces, err_msg=f"{lv}: chunks changed bits")
+
+
+def test_packed_and_unpacked_agree_in_rounding_only():
+    wt, x = _case(W.Q4_1, 576, 1536, n_seq=4, seed=2)
+    a = K.matmul(wt, x)
+    b = K.matmul(wt, x, packed=True)
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * np.abs(a).max())
+
+
+def test_packed_bytes():
+    for qtype, n_in, per_panel in [(W.F32, 64, 64 * 16 * 4), (W.F16, 64, 64 * 32),
+                                   (W.Q8_0, 64, 2 * 544), (W.Q4_0, 64, 2 * 288),
+                                   (W.Q4_1, 64, 2 * 320)]:
+        wt, _ = _case(qtype, 37, n_in, 1)
+        assert K.packed_bytes(wt) == 3 * per_panel  # 37 rows -> 3 panels
+    # a block row longer than the packer takes stays unpacked, and says so
+    n_in = 32 * 8193
+    data = np.zeros(W.row_bytes(W.Q4_1, n_in), dtype=np.uint8)
+    wt = (data, W.Q4_1, (1, n_in))
+    assert K.packed_bytes(wt) == 0
+    with pytest.raises(ValueError, match="cannot be packed"):
+        K.matmul(wt, np.zeros(n_in, np.float32), packed=True)
+    # the unpacked kernels still take it
+    assert K.matmul(wt, np.zeros(n_in, np.float32)).shape == (1,)
+
+
+def test_packed_special_values(level):
+    """Zero scales and zero rows give exact zeros; inf in x spreads as it should."""
+    wt, x = _case(W.Q4_1, 20, 64, 2, seed=3)
+    data = wt[0].copy()
+    data[:] = 0  # every scale and min zero
+    for lv in LEVELS:
+        K.set_simd_level(lv)
+        y = K.matmul((data, W.Q4_1, (20, 64)), x, packed=True)
+        assert np.all(y == 0)
+        f32 = (np.ones((3, 32), np.float32).view(np.uint8).reshape(-1), W.F32, (3, 32))
+        xi = np.zeros((1, 32), np.float32)
+        xi[0, 5] = np.inf
+        assert np.all(np.isposinf(K.matmul(f32, xi, packed=True)))
