@@ -294,12 +294,18 @@ INLV void vnni_wblock(int type, const uint8_t *const *rows, int64_t b, __m512i w
         for (int i = 0; i < QV_ROWS; i++) mw[i] = fa_f16_table[fa_read_u16(rows[i] + o + 2)];
 }
 
-/* One group of 16 rows (lane i = row r + i, i < nrows) against T x rows
- * t0 .. t0 + T - 1.  pk: the group packed by vnni_pack, or NULL to build each
- * block from rows[] on the way. */
-INLV void vnni_tile(int type, const uint8_t *pk, const uint8_t *const *rows, int64_t r,
-                    __mmask16 lanes, const q8_act *x, int64_t t0, const int T, float *y,
-                    int64_t ldy) {
+/* p += the 4 products in each lane of unsigned w and the 4 signed bytes at
+ * ptr: vpdpbusd with its broadcast memory operand, which the compiler does
+ * not form from _mm512_set1_epi32 (it spends a separate broadcast on each). */
+#define VNNI_DPBUSD_X4(p, w, ptr)                                                      \
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(p) : "v"(w), "m"(*(const int32_t *)(ptr)))
+
+/* One group of 16 rows (lane i = row r + i where lanes has bit i) against T
+ * x rows t0 .. t0 + T - 1.  Reads the group packed by vnni_pack at pk, or if
+ * direct builds each block from rows[] on the way. */
+INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
+                    const uint8_t *const *rows, int64_t r, __mmask16 lanes, const q8_act *x,
+                    int64_t t0, const int T, float *y, int64_t ldy) {
     const int64_t nb = x->nb, n_in = x->n_in;
     const int off = q8_offset(type);
     __m512 acc[QV_T], m[QV_T];
@@ -308,8 +314,8 @@ INLV void vnni_tile(int type, const uint8_t *pk, const uint8_t *const *rows, int
     for (int64_t b = 0; b < nb; b++) {
         __m512i wv[8];
         __m512 dw, mw = _mm512_setzero_ps();
-        const uint8_t *pb = pk ? pk + b * QV_BLOCK_BYTES : NULL;
-        if (pk) {
+        const uint8_t *pb = direct ? NULL : pk + b * QV_BLOCK_BYTES;
+        if (!direct) {
             dw = _mm512_loadu_ps((const float *)(pb + 512));
             if (type == FA_Q4_1) mw = _mm512_loadu_ps((const float *)(pb + 576));
         } else {
@@ -325,13 +331,9 @@ INLV void vnni_tile(int type, const uint8_t *pk, const uint8_t *const *rows, int
         const int8_t *xq = x->q + t0 * n_in + b * FA_QK;
 #pragma GCC unroll 8
         for (int k = 0; k < 8; k++) {
-            __m512i w = pk ? _mm512_loadu_si512((const void *)(pb + 64 * k)) : wv[k];
+            __m512i w = direct ? wv[k] : _mm512_loadu_si512((const void *)(pb + 64 * k));
 #pragma GCC unroll 8
-            for (int t = 0; t < T; t++) {
-                int32_t x4;
-                memcpy(&x4, xq + t * n_in + 4 * k, 4);
-                p[t] = _mm512_dpbusd_epi32(p[t], w, _mm512_set1_epi32(x4));
-            }
+            for (int t = 0; t < T; t++) VNNI_DPBUSD_X4(p[t], w, xq + t * n_in + 4 * k);
         }
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
@@ -352,22 +354,27 @@ INLV void vnni_tile(int type, const uint8_t *pk, const uint8_t *const *rows, int
 typedef void (*vnni_tile_fn)(const uint8_t *pk, const uint8_t *const *rows, int64_t r,
                              __mmask16 lanes, const q8_act *x, int64_t t0, float *y,
                              int64_t ldy);
-#define VNNI_TILE(type, T)                                                             \
-    TVNNI static void vnni_tile_##type##_##T(const uint8_t *pk, const uint8_t *const *rows, \
-                                              int64_t r, __mmask16 lanes, const q8_act *x, \
-                                              int64_t t0, float *y, int64_t ldy) {        \
-        vnni_tile(type, pk, rows, r, lanes, x, t0, T, y, ldy);                            \
+#define VNNI_TILE(type, dir, T)                                                        \
+    TVNNI static void vnni_tile_##type##_##dir##_##T(                                  \
+        const uint8_t *pk, const uint8_t *const *rows, int64_t r, __mmask16 lanes,      \
+        const q8_act *x, int64_t t0, float *y, int64_t ldy) {                           \
+        vnni_tile(type, dir, pk, rows, r, lanes, x, t0, T, y, ldy);                     \
     }
-#define VNNI_TILES(type)                                                               \
-    VNNI_TILE(type, 1) VNNI_TILE(type, 2) VNNI_TILE(type, 3) VNNI_TILE(type, 4)         \
-    VNNI_TILE(type, 5) VNNI_TILE(type, 6) VNNI_TILE(type, 7) VNNI_TILE(type, 8)         \
-    static const vnni_tile_fn vnni_tiles_##type[QV_T + 1] = {                          \
-        NULL, vnni_tile_##type##_1, vnni_tile_##type##_2, vnni_tile_##type##_3,         \
-        vnni_tile_##type##_4, vnni_tile_##type##_5, vnni_tile_##type##_6,               \
-        vnni_tile_##type##_7, vnni_tile_##type##_8};
-VNNI_TILES(FA_Q8_0)
-VNNI_TILES(FA_Q4_0)
-VNNI_TILES(FA_Q4_1)
+#define VNNI_TILES(type, dir)                                                          \
+    VNNI_TILE(type, dir, 1) VNNI_TILE(type, dir, 2) VNNI_TILE(type, dir, 3)             \
+    VNNI_TILE(type, dir, 4) VNNI_TILE(type, dir, 5) VNNI_TILE(type, dir, 6)             \
+    VNNI_TILE(type, dir, 7) VNNI_TILE(type, dir, 8)                                     \
+    static const vnni_tile_fn vnni_tiles_##type##_##dir[QV_T + 1] = {                  \
+        NULL, vnni_tile_##type##_##dir##_1, vnni_tile_##type##_##dir##_2,               \
+        vnni_tile_##type##_##dir##_3, vnni_tile_##type##_##dir##_4,                     \
+        vnni_tile_##type##_##dir##_5, vnni_tile_##type##_##dir##_6,                     \
+        vnni_tile_##type##_##dir##_7, vnni_tile_##type##_##dir##_8};
+VNNI_TILES(FA_Q8_0, 0)
+VNNI_TILES(FA_Q4_0, 0)
+VNNI_TILES(FA_Q4_1, 0)
+VNNI_TILES(FA_Q8_0, 1)
+VNNI_TILES(FA_Q4_0, 1)
+VNNI_TILES(FA_Q4_1, 1)
 
 /* Pointers to rows r .. r + 15 of w; past r1 the last row repeats (its lanes
  * are computed and never stored).  Returns the mask of real rows. */
@@ -396,9 +403,12 @@ TVNNI static void vnni_pack(int type, const uint8_t *const *rows, int64_t nb, ui
 
 TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
                            const q8_act *x, int64_t n_seq, float *y, int64_t ldy) {
-    const vnni_tile_fn *tiles = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0
-                                : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0
-                                                  : vnni_tiles_FA_Q4_1;
+    const vnni_tile_fn *packed = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0_0
+                                 : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0_0
+                                                   : vnni_tiles_FA_Q4_1_0;
+    const vnni_tile_fn *direct = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0_1
+                                 : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0_1
+                                                   : vnni_tiles_FA_Q4_1_1;
     const int64_t nb = x->nb;
     const size_t group_bytes = (size_t)nb * QV_BLOCK_BYTES;
     const int64_t n_groups = (r1 - r0 + QV_ROWS - 1) / QV_ROWS;
@@ -415,7 +425,7 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
             __mmask16 lanes = vnni_group_rows(w, rb, r, r1, rows);
             for (int64_t t0 = 0; t0 < n_seq; t0 += QV_T) {
                 int nt = n_seq - t0 < QV_T ? (int)(n_seq - t0) : QV_T;
-                tiles[nt](NULL, rows, r, lanes, x, t0, y, ldy);
+                direct[nt](NULL, rows, r, lanes, x, t0, y, ldy);
             }
         }
         return;
@@ -423,6 +433,15 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
     for (int64_t g0 = 0; g0 < n_groups; g0 += tile) {
         int64_t g1 = g0 + tile < n_groups ? g0 + tile : n_groups;
         for (int64_t g = g0; g < g1; g++) {
+            /* the next group's rows come from memory while this one is packed
+             * (the packing reads 16 rows side by side, which the hardware
+             * prefetcher follows poorly) */
+            int64_t nr = r0 + (g + 1) * QV_ROWS;
+            if (nr < r1) {
+                const uint8_t *next = w + (size_t)nr * rb;
+                size_t bytes = (size_t)(r1 - nr < QV_ROWS ? r1 - nr : QV_ROWS) * rb;
+                for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)next + o, _MM_HINT_T0);
+            }
             vnni_group_rows(w, rb, r0 + g * QV_ROWS, r1, rows);
             vnni_pack(type, rows, nb, pk + (size_t)(g - g0) * group_bytes);
         }
@@ -431,7 +450,7 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
             for (int64_t g = g0; g < g1; g++) {
                 int64_t r = r0 + g * QV_ROWS;
                 int n = r1 - r < QV_ROWS ? (int)(r1 - r) : QV_ROWS;
-                tiles[nt](pk + (size_t)(g - g0) * group_bytes, NULL, r,
+                packed[nt](pk + (size_t)(g - g0) * group_bytes, NULL, r,
                           (__mmask16)((1u << n) - 1), x, t0, y, ldy);
             }
         }
