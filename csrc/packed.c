@@ -72,7 +72,8 @@ static void pack_panel(const fa_weight *w, int64_t r0, uint8_t *dst) {
             if (w->type == FA_Q8_0) {
                 const uint8_t *s = row + (size_t)b * FA_Q8_0_BYTES;
                 memcpy(pbk + 2 * r, s, 2);
-                for (int j = 0; j < FA_QK; j++) pbk[2 * FA_PANEL + j * FA_PANEL + r] = s[2 + j];
+                for (int j = 0; j < FA_QK; j++)
+                    pbk[2 * FA_PANEL + ((j / 4) * FA_PANEL + r) * 4 + j % 4] = s[2 + j];
                 continue;
             }
             /* Q4_0: d, qs[16];  Q4_1: d, m, qs[16].  Value j < 16 is the
@@ -134,7 +135,8 @@ static inline float float_at(int type, const uint8_t *w, int64_t k, int r) {
 
 /* The integer value of row r, column j of block blk (q, nibble or nibble - 8). */
 static inline float block_value(int type, const uint8_t *blk, int j, int r) {
-    if (type == FA_Q8_0) return (float)(int8_t)blk[2 * FA_PANEL + j * FA_PANEL + r];
+    if (type == FA_Q8_0)
+        return (float)(int8_t)blk[2 * FA_PANEL + ((j / 4) * FA_PANEL + r) * 4 + j % 4];
     const uint8_t *groups = blk + (type == FA_Q4_1 ? 4 : 2) * FA_PANEL;
     uint32_t word;
     memcpy(&word, groups + (size_t)((j / 8) * FA_PANEL + r) * 4, 4);

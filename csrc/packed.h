@@ -14,7 +14,9 @@
  * Per panel, in k order:
  *   F32        [n_in][16] float32
  *   F16, BF16  [n_in][16] 16-bit values
- *   Q8_0       per 32-column block: d[16] f16, then q[32][16] int8
+ *   Q8_0       per 32-column block: d[16] f16, then 8 groups of [16] 4-byte
+ *              words; group g, lane r holds row r's columns 4g .. 4g+3 of the
+ *              block, column 4g + j in byte j (a signed 8-bit q)
  *   Q4_0       per block: d[16] f16, then 4 groups of [16] uint32
  *   Q4_1       per block: d[16] f16, m[16] f16, then 4 groups of [16] uint32
  * In the 4-bit types, group g, lane r holds row r's columns 8g .. 8g+7 of the

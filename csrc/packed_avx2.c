@@ -80,13 +80,18 @@ INL void block_tile(const int type, const uint8_t *w, size_t pb, const int NP,
             const uint8_t *bp = blk + p * pb;
             for (int h = 0; h < 2; h++) {
                 if (type == FA_Q8_0) {
-                    for (int j = 0; j < FA_QK; j++) {
-                        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                            _mm_loadl_epi64((const __m128i *)(bp + 32 + 16 * j + 8 * h))));
-                        for (int t = 0; t < NT; t++) {
-                            __m256 xv = _mm256_broadcast_ss(xb + t * ldx + j);
-                            a[p][h][t] = j == 0 ? _mm256_mul_ps(q, xv)
-                                                : _mm256_fmadd_ps(q, xv, a[p][h][t]);
+                    for (int g = 0; g < 8; g++) {
+                        __m256i v = _mm256_loadu_si256(
+                            (const __m256i *)(bp + 32 + 64 * g + 32 * h));
+                        for (int j = 0; j < 4; j++) {
+                            __m256i u = j == 3 ? v : _mm256_slli_epi32(v, 24 - 8 * j);
+                            __m256 q = _mm256_cvtepi32_ps(_mm256_srai_epi32(u, 24));
+                            for (int t = 0; t < NT; t++) {
+                                __m256 xv = _mm256_broadcast_ss(xb + t * ldx + 4 * g + j);
+                                a[p][h][t] = g == 0 && j == 0
+                                                 ? _mm256_mul_ps(q, xv)
+                                                 : _mm256_fmadd_ps(q, xv, a[p][h][t]);
+                            }
                         }
                     }
                 } else {

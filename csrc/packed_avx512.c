@@ -75,20 +75,38 @@ INL void block_tile(const int type, const uint8_t *w, size_t pb, const int NP,
         const uint8_t *blk = w + (size_t)b * bb;
         const float *xb = x + b * FA_QK;
         __m512 a[4][6];
+        if (NT == 1) {
+            /* a decode streams every byte once: ask for the block after next */
+            _Pragma("GCC unroll 8")
+            for (int p = 0; p < NP; p++)
+                for (size_t off = 0; off < bb; off += 64)
+                    _mm_prefetch((const char *)(blk + p * pb + 2 * bb + off), _MM_HINT_T0);
+        }
         if (type == FA_Q8_0) {
-            for (int j = 0; j < FA_QK; j++) {
-                __m512 q[4];
+            /* byte j of each lane to a float: shift it to the top, then an
+             * arithmetic shift back down sign-extends it */
+            _Pragma("GCC unroll 8")
+            for (int g = 0; g < 8; g++) {
+                __m512i v[4];
                 _Pragma("GCC unroll 8")
                 for (int p = 0; p < NP; p++)
-                    q[p] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        (const __m128i *)(blk + p * pb + 32 + 16 * j))));
+                    v[p] = _mm512_loadu_si512((const void *)(blk + p * pb + 32 + 64 * g));
                 _Pragma("GCC unroll 8")
-                for (int t = 0; t < NT; t++) {
-                    __m512 xv = _mm512_set1_ps(xb[t * ldx + j]);
+                for (int j = 0; j < 4; j++) {
+                    __m512 q[4];
                     _Pragma("GCC unroll 8")
-                    for (int p = 0; p < NP; p++)
-                        a[p][t] = j == 0 ? _mm512_mul_ps(q[p], xv)
-                                         : _mm512_fmadd_ps(q[p], xv, a[p][t]);
+                    for (int p = 0; p < NP; p++) {
+                        __m512i u = j == 3 ? v[p] : _mm512_slli_epi32(v[p], 24 - 8 * j);
+                        q[p] = _mm512_cvtepi32_ps(_mm512_srai_epi32(u, 24));
+                    }
+                    _Pragma("GCC unroll 8")
+                    for (int t = 0; t < NT; t++) {
+                        __m512 xv = _mm512_set1_ps(xb[t * ldx + 4 * g + j]);
+                        _Pragma("GCC unroll 8")
+                        for (int p = 0; p < NP; p++)
+                            a[p][t] = g == 0 && j == 0 ? _mm512_mul_ps(q[p], xv)
+                                                       : _mm512_fmadd_ps(q[p], xv, a[p][t]);
+                    }
                 }
             }
         } else {

@@ -183,6 +183,16 @@ cdef class _Weight:
 # ---------------------------------------------------------------- products
 
 
+class Packed:
+    """A weight packed once into 16-row panels, for repeated matmul calls
+    (benchmarks, tests): Packed(w) where w is what matmul takes."""
+
+    def __init__(self, w):
+        cdef _Weight wt = _Weight(w)
+        wt.pack()
+        self.weight = wt
+
+
 def packed_bytes(w):
     """fa_packed_bytes: bytes of w's panel-packed copy, 0 if it cannot be packed."""
     cdef _Weight wt = _Weight(w)
@@ -199,10 +209,15 @@ def row_bytes(qtype, n_in):
 def matmul(w, x, n_threads=None, packed=False):
     """y = x W^T.  w: WeightTensor or (data, qtype, (n_out, n_in));
     x [n_seq, n_in] (or [n_in]) float32 -> y [n_seq, n_out] (or [n_out]).
-    packed: repack w into 16-row panels first (what a Model does at load)."""
-    cdef _Weight wt = _Weight(w)
-    if packed:
-        wt.pack()
+    packed: repack w into 16-row panels first (what a Model does at load);
+    w may also be a Packed weight."""
+    cdef _Weight wt
+    if isinstance(w, Packed):
+        wt = w.weight
+    else:
+        wt = _Weight(w)
+        if packed:
+            wt.pack()
     cdef int nt = _threads(n_threads)
     squeeze = isinstance(x, np.ndarray) and x.ndim == 1
     cdef cnp.ndarray xa = _f32(x[None, :] if squeeze else x, "x", 2)
