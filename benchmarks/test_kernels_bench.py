@@ -9,6 +9,9 @@ SmolLM2-sized model (30 layers of Q4_1 plus the Q8_0 output head, ~96 MB, far
 larger than L3), which bounds decode speed from weight traffic alone.
 Rates (GB/s, GFLOP/s) are computed from the best round.
 Levels: set FASTATTN_SIMD, or see the `level` parameter of the GEMV benchmarks.
+Layouts: `file` is the weight as the file stores it, `packed` the 16-row
+panels a Model repacks it into at load (csrc/packed.c), which is what the
+engine runs.
 """
 import os
 
@@ -65,16 +68,24 @@ def report(benchmark, nbytes, label):
     print(f"\n{label}: {best * 1e6:9.1f} us  {gbs:6.2f} GB/s")
 
 
+LAYOUTS = ["file", "packed"]
+
+
+def laid_out(w, layout):
+    return K.Packed(w) if layout == "packed" else w
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", TYPES, ids=W.type_name)
 @pytest.mark.parametrize("n_out,n_in", [(576, 1536), (1536, 576), (49152, 576)])
-def test_gemv(benchmark, level, qtype, n_out, n_in):
+def test_gemv(benchmark, level, qtype, n_out, n_in, layout):
     if n_out == 49152 and qtype in (W.F32, W.F16, W.BF16) and level == "generic":
         pytest.skip("slow and uninformative")
     w = random_weight(qtype, n_out, n_in)
     x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
-    benchmark(K.matmul, w, x, N_THREADS)
+    benchmark(K.matmul, laid_out(w, layout), x, N_THREADS)
     report(benchmark, w.data.nbytes,
-           f"gemv {W.type_name(qtype)} {n_out}x{n_in} {level} x{N_THREADS}")
+           f"gemv {W.type_name(qtype)} {n_out}x{n_in} {layout} {level} x{N_THREADS}")
 
 
 Q8_TYPES = [W.Q8_0, W.Q4_0, W.Q4_1]
@@ -104,12 +115,13 @@ def test_gemm_prefill_q8(benchmark, qtype):
           f"{benchmark.extra_info['GFLOP/s']} GFLOP/s")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", TYPES, ids=W.type_name)
-def test_gemm_prefill(benchmark, qtype):
+def test_gemm_prefill(benchmark, qtype, layout):
     """512 rows through a 1536x576 weight: the cache-aware path."""
     w = random_weight(qtype, 1536, 576)
     x = np.random.default_rng(1).standard_normal((512, 576)).astype(np.float32)
-    benchmark(K.matmul, w, x, N_THREADS)
+    benchmark(K.matmul, laid_out(w, layout), x, N_THREADS)
     flops = 2 * 512 * 1536 * 576
     if best_time(benchmark) is None:
         return
@@ -160,17 +172,20 @@ def model_weights():
     return [random_weight(t, o, i, seed=n) for n, (o, i, t) in enumerate(smollm2_matrices())]
 
 
-def test_model_pass(benchmark, level, model_weights):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_model_pass(benchmark, level, model_weights, layout):
     """A GEMV over every matrix of a SmolLM2-sized model, one call each."""
     xs = {n: np.random.default_rng(n).standard_normal((1, n)).astype(np.float32)
           for n in (576, 1536)}
+    weights = [(laid_out(w, layout), w.n_in) for w in model_weights]
 
     def one_pass():
-        for w in model_weights:
-            K.matmul(w, xs[w.n_in], N_THREADS)
+        for w, n_in in weights:
+            K.matmul(w, xs[n_in], N_THREADS)
 
     benchmark(one_pass)
     nbytes = sum(w.data.nbytes for w in model_weights)
-    report(benchmark, nbytes, f"model pass {nbytes / 1e6:.0f} MB {level} x{N_THREADS}")
+    report(benchmark, nbytes,
+           f"model pass {nbytes / 1e6:.0f} MB {layout} {level} x{N_THREADS}")
     if best_time(benchmark):
         print(f"  = {1 / best_time(benchmark):.0f} passes/s (tok/s bound from weights)")

@@ -79,6 +79,9 @@ void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
  * fa_pack_weight: fill dst (dst_bytes >= fa_packed_bytes(w)); 0, or -1 on bad
  * arguments.  Runs on the calling thread (about 0.1 s for 135M 4-bit weights). */
 size_t fa_packed_bytes(const fa_weight *w);
+/* 1 if the SIMD level now in use multiplies `type` faster packed than as the
+ * file stores it (a model packs only those weights), else 0. */
+int fa_pack_wanted(int type);
 int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes);
 
 /* The rows [*r0, *r1) of y that fa_matmul_act(act, w, ...) writes on thread

@@ -179,7 +179,8 @@ static void generic_run(int type, const uint8_t *w, size_t pb, int np, const flo
     }
 }
 
-const fa_panel_kernels fa_panel_kernels_generic = {generic_run, 1, 1, 1};
+/* Never faster than the file-layout C kernels: nothing is packed for it. */
+const fa_panel_kernels fa_panel_kernels_generic = {generic_run, 1, 1, 1, 0};
 
 /* ------------------------------------------------------------ driver */
 
@@ -244,6 +245,10 @@ void fa_matmul_packed(const fa_weight *w, const float *x, float *y, int64_t n_se
             }
         }
     }
+}
+
+int fa_pack_wanted(int type) {
+    return type >= 0 && type < 32 && ((panel_kernels()->pack_types >> type) & 1);
 }
 
 void fa_packed_share(const fa_weight *w, int ith, int nth, int64_t *r0, int64_t *r1) {

@@ -62,6 +62,7 @@ typedef struct {
     int np_decode;    /* panels per call when nt == 1 */
     int np_prefill;   /* panels per call when nt > 1 */
     int nt_prefill;   /* most tokens per call */
+    unsigned pack_types;  /* bit (1 << type) set: faster than the file layout */
 } fa_panel_kernels;
 
 /* fa_matmul for a weight whose packed field is set, and the rows it gives

@@ -232,10 +232,13 @@ static void avx512_run(int type, const uint8_t *w, size_t pb, int np, const floa
     }
 }
 
-const fa_panel_kernels fa_panel_kernels_avx512 = {avx512_run, 4, 2, 6};
+const fa_panel_kernels fa_panel_kernels_avx512 = {
+    avx512_run, 4, 2, 6,
+    1u << FA_F32 | 1u << FA_F16 | 1u << FA_BF16 | 1u << FA_Q8_0 | 1u << FA_Q4_0 | 1u << FA_Q4_1,
+};
 
 #else  /* not x86-64 with GCC: dispatch never selects this level */
 
-const fa_panel_kernels fa_panel_kernels_avx512 = {0, 1, 1, 1};
+const fa_panel_kernels fa_panel_kernels_avx512 = {0, 1, 1, 1, 0};
 
 #endif

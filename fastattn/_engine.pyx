@@ -7,8 +7,10 @@
     model.decode(state, token, n_threads) -> logits [n_vocab]
 
 Every matrix the layers multiply by (and the output head) is repacked at
-build into 16-row panels (csrc/packed.c), which costs a second copy of those
-weights in memory; the token embedding stays as the file has it.  In the q8
+build into 16-row panels (csrc/packed.c) when the SIMD level in use runs its
+type faster that way (fa_pack_wanted: every type with AVX-512, the float
+types with AVX2, none with the generic C); that costs a second copy of those
+weights in memory.  The token embedding stays as the file has it.  In the q8
 activation mode the Q4_0, Q4_1 and Q8_0 matrices keep only their file form,
 which is what the q8 kernels read.
 
@@ -44,6 +46,7 @@ cdef extern from "model.h" nogil:
     size_t fa_packed_bytes(const fa_weight *w)
     int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes)
     int fa_act_q8_supports(int type)
+    int fa_pack_wanted(int type)
 
     ctypedef struct fa_layer:
         const float *attn_norm_w
@@ -108,6 +111,7 @@ cdef class Model:
     cdef fa_model m
     cdef fa_layer *layers
     cdef list keep          # every array a pointer of self.m points into
+    cdef readonly size_t packed_bytes  # memory the panel-packed copies take
     cdef readonly object config
 
     def __cinit__(self):
@@ -223,7 +227,7 @@ cdef class Model:
 
     cdef int _pack(self, fa_weight *w, str name, int act) except -1:
         """Point w.packed at a panel-packed copy of w, kept alive by self."""
-        if act == 1 and fa_act_q8_supports(w.type):
+        if (act == 1 and fa_act_q8_supports(w.type)) or not fa_pack_wanted(w.type):
             return 0
         cdef size_t n = fa_packed_bytes(w)
         if n == 0:
@@ -241,6 +245,7 @@ cdef class Model:
         if rc != 0:
             raise FastAttnError(f"fastattn: weight {name} could not be repacked")
         self.keep.append(buf)
+        self.packed_bytes += n
         w.packed = dst
         return 0
 

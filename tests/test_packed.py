@@ -112,3 +112,60 @@ def test_packed_special_values(level):
         xi = np.zeros((1, 32), np.float32)
         xi[0, 5] = np.inf
         assert np.all(np.isposinf(K.matmul(f32, xi, packed=True)))
+
+
+# ------------------------------------------------------------- in a model
+
+def _tiny_model(family):
+    from fastattn.testing import random_config, random_ids, random_weights
+
+    config = random_config(family, n_embd=64, n_head=4,
+                           n_kv_head=2 if family == "llama" else None, n_ff=96, n_layer=2)
+    weights = random_weights(config, W.Q4_1, embd_qtype=W.Q8_0)
+    return config, weights, random_ids(config, 12)
+
+
+@pytest.mark.skipif("avx512" not in LEVELS or K.simd_name() != "avx512",
+                    reason="needs the AVX-512 level (the engine packs every type there)")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_model_runs_packed_weights(family, tmp_path):
+    """At the AVX-512 level a model packs every matrix it multiplies by (not the
+    embeddings), gives the reference's answer, and the same bits for prefill +
+    decode as for one forward.  The same model built at the generic level runs
+    the file layout: close to the packed answer, not the same bits."""
+    import subprocess
+    import sys
+
+    from fastattn.model import Transformer
+    from fastattn.reference import forward as reference_forward
+
+    config, weights, ids = _tiny_model(family)
+    ref = reference_forward(config, weights, ids)[-1]
+    model = Transformer(config, weights, n_threads=2)
+    multiplied = [n for n in weights if len(weights[n].shape) == 2
+                  and n not in ("token_embd.weight", "position_embd.weight")]
+    head = weights.get("output.weight", weights["token_embd.weight"])
+    expected = sum(K.packed_bytes(weights[n]) for n in multiplied) + K.packed_bytes(head)
+    assert model._engine.packed_bytes == expected > 0
+
+    state = model.new_state()
+    whole = model.prefill(state, ids)
+    np.testing.assert_allclose(whole, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    split = model.new_state()
+    model.prefill(split, ids[:7])
+    for t in ids[7:]:
+        last = model.decode(split, int(t))
+    np.testing.assert_array_equal(last, whole)
+
+    # the generic level packs nothing (the engine reads FASTATTN_SIMD at first use)
+    out = tmp_path / "generic.npy"
+    code = (f"import numpy as np, sys; sys.path.insert(0, {str(__import__('os').path.dirname(__file__))!r});"
+            f"from test_packed import _tiny_model; from fastattn.model import Transformer;"
+            f"c, w, ids = _tiny_model({family!r}); m = Transformer(c, w, n_threads=2);"
+            f"assert m._engine.packed_bytes == 0, m._engine.packed_bytes;"
+            f"np.save({str(out)!r}, m.prefill(m.new_state(), ids))")
+    env = {**__import__("os").environ, "FASTATTN_SIMD": "generic"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    plain = np.load(out)
+    np.testing.assert_allclose(plain, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+    assert not np.array_equal(plain, whole)
