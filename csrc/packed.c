@@ -180,7 +180,7 @@ static void generic_run(int type, const uint8_t *w, size_t pb, int np, const flo
 }
 
 /* Never faster than the file-layout C kernels: nothing is packed for it. */
-const fa_panel_kernels fa_panel_kernels_generic = {generic_run, 1, 1, 1, 0};
+const fa_panel_kernels fa_panel_kernels_generic = {generic_run, NULL, 1, 1, 1, 0};
 
 /* ------------------------------------------------------------ driver */
 
@@ -232,6 +232,10 @@ void fa_matmul_packed(const fa_weight *w, const float *x, float *y, int64_t n_se
             }
             continue;
         }
+        if (k->prefill && k->prefill(type, base + (size_t)p0 * pb, pb, p1 - p0, xg, n_in, sx,
+                                     nb, gn, n_in, yg + p0 * FA_PANEL, n_out,
+                                     n_out - p0 * FA_PANEL))
+            continue;
         for (int64_t pt = p0; pt < p1; pt += tile) {
             const int64_t pe = pt + tile < p1 ? pt + tile : p1;
             for (int64_t t = 0; t < gn; t += k->nt_prefill) {

@@ -57,8 +57,17 @@ typedef void (*fa_panel_fn)(int type, const uint8_t *w, size_t pb, int np,
                             const float *x, int64_t ldx, const float *sx, int64_t ldsx,
                             int nt, int64_t n_in, float *y, int64_t ldy, int64_t rows);
 
+/* Optional: n_panels panels over n_tok tokens, the whole tile a prefill
+ * call gives a thread; the same products as fa_panel_fn calls would give.
+ * Returns 0 if it did nothing (the caller then loops over fa_panel_fn). */
+typedef int (*fa_prefill_fn)(int type, const uint8_t *w, size_t pb, int64_t n_panels,
+                             const float *x, int64_t ldx, const float *sx, int64_t ldsx,
+                             int64_t n_tok, int64_t n_in, float *y, int64_t ldy,
+                             int64_t rows);
+
 typedef struct {
     fa_panel_fn run;
+    fa_prefill_fn prefill;  /* may be NULL */
     int np_decode;    /* panels per call when nt == 1 */
     int np_prefill;   /* panels per call when nt > 1 */
     int nt_prefill;   /* most tokens per call */

@@ -191,11 +191,11 @@ static void avx2_run(int type, const uint8_t *w, size_t pb, int np, const float 
  * float types are packed for it.  A prefill path that decodes a panel tile to
  * floats once and reuses it for every token would change that. */
 const fa_panel_kernels fa_panel_kernels_avx2 = {
-    avx2_run, 2, 1, 2, 1u << FA_F32 | 1u << FA_F16 | 1u << FA_BF16,
+    avx2_run, NULL, 2, 1, 2, 1u << FA_F32 | 1u << FA_F16 | 1u << FA_BF16,
 };
 
 #else
 
-const fa_panel_kernels fa_panel_kernels_avx2 = {0, 1, 1, 1, 0};
+const fa_panel_kernels fa_panel_kernels_avx2 = {0, 0, 1, 1, 1, 0};
 
 #endif

@@ -10,6 +10,8 @@
  * A 4-bit column costs one shift and one vpermps (which reads only the low
  * 4 bits of each index lane, so the nibble needs no mask) to become 16 floats.
  */
+#include <stdlib.h>
+
 #include "packed.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -57,8 +59,13 @@ INL void float_tile(const int type, const uint8_t *w, size_t pb, const int NP,
         for (int t = 0; t < NT; t++) store_rows(y + t * ldy + 16 * p, acc[p][t], rows - 16 * p);
 }
 
-INL void block_tile(const int type, const uint8_t *w, size_t pb, const int NP,
-                    const float *x, int64_t ldx, const float *sx, int64_t ldsx,
+/* The block types.  decoded == 0: the weights are decoded in registers from
+ * the packed bytes w.  decoded == 1: qt holds the same panels already
+ * decoded by decode_tile below (floats, layout there) and w is not read.
+ * decoded is a compile-time constant at every call, so each instance keeps
+ * only its own branch (and its accumulators in registers). */
+INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t pb,
+                    const float *qt, const int NP, const float *x, int64_t ldx, const float *sx, int64_t ldsx,
                     const int NT, int64_t n_in, float *y, int64_t ldy, int64_t rows) {
     const size_t bb = type == FA_Q8_0 ? 544 : type == FA_Q4_0 ? 288 : 320;
     const size_t qoff = type == FA_Q4_1 ? 64 : 32;
@@ -75,6 +82,36 @@ INL void block_tile(const int type, const uint8_t *w, size_t pb, const int NP,
         const uint8_t *blk = w + (size_t)b * bb;
         const float *xb = x + b * FA_QK;
         __m512 a[4][6];
+        if (decoded) {
+            const float *qb = qt + b * FA_QK * NP * 16;
+            _Pragma("GCC unroll 8")
+            for (int j = 0; j < FA_QK; j++) {
+                _Pragma("GCC unroll 8")
+                for (int t = 0; t < NT; t++) {
+                    __m512 xv = _mm512_set1_ps(xb[t * ldx + j]);
+                    _Pragma("GCC unroll 8")
+                    for (int p = 0; p < NP; p++) {
+                        __m512 q = _mm512_loadu_ps(qb + (j * NP + p) * 16);
+                        a[p][t] = j == 0 ? _mm512_mul_ps(q, xv) : _mm512_fmadd_ps(q, xv, a[p][t]);
+                    }
+                }
+            }
+            const float *db = qt + (n_in / FA_QK) * FA_QK * NP * 16 + b * 2 * NP * 16;
+            _Pragma("GCC unroll 8")
+            for (int p = 0; p < NP; p++) {
+                __m512 d = _mm512_loadu_ps(db + p * 16);
+                _Pragma("GCC unroll 8")
+                for (int t = 0; t < NT; t++) acc[p][t] = _mm512_fmadd_ps(d, a[p][t], acc[p][t]);
+                if (type == FA_Q4_1) {
+                    __m512 m = _mm512_loadu_ps(db + (NP + p) * 16);
+                    _Pragma("GCC unroll 8")
+                    for (int t = 0; t < NT; t++)
+                        acc[p][t] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[t * ldsx + b]),
+                                                    acc[p][t]);
+                }
+            }
+            continue;
+        }
         if (NT == 1) {
             /* a decode streams every byte once: ask for the block after next */
             _Pragma("GCC unroll 8")
@@ -197,7 +234,19 @@ INL void block_tile(const int type, const uint8_t *w, size_t pb, const int NP,
         _Pragma("GCC diagnostic pop")                                                  \
     }
 #define BLOCK_CALL(NP, NT)                                                             \
-    block_tile(TYPE_, w, pb, NP, x, ldx, sx, ldsx, NT, n_in, y, ldy, rows)
+    block_tile(TYPE_, 0, w, pb, NULL, NP, x, ldx, sx, ldsx, NT, n_in, y, ldy, rows)
+#define DECODED_CALL(NP, NT)                                                           \
+    block_tile(TYPE_, 1, NULL, 0, qt, NP, x, ldx, sx, ldsx, NT, n_in, y, ldy, rows)
+
+#define DECODED_RUN(name)                                                              \
+    static T512 void name(const float *qt, int np, const float *x, int64_t ldx,        \
+                          const float *sx, int64_t ldsx, int nt, int64_t n_in,         \
+                          float *y, int64_t ldy, int64_t rows) {                       \
+        _Pragma("GCC diagnostic push")                                                 \
+        _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                    \
+        SHAPES(DECODED_CALL)                                                           \
+        _Pragma("GCC diagnostic pop")                                                  \
+    }
 
 #define TYPE_ FA_F32
 FLOAT_RUN(run_f32, FA_F32)
@@ -210,13 +259,94 @@ FLOAT_RUN(run_bf16, FA_BF16)
 #undef TYPE_
 #define TYPE_ FA_Q8_0
 BLOCK_RUN(run_q8_0)
+DECODED_RUN(decoded_q8_0)
 #undef TYPE_
 #define TYPE_ FA_Q4_0
 BLOCK_RUN(run_q4_0)
+DECODED_RUN(decoded_q4_0)
 #undef TYPE_
 #define TYPE_ FA_Q4_1
 BLOCK_RUN(run_q4_1)
+DECODED_RUN(decoded_q4_1)
 #undef TYPE_
+
+/* Decode np (1 or 2) packed panels of a block type into floats, in the order
+ * block_tile reads them: for each block, for each column j, for each panel,
+ * 16 values (the integer q, nibble or nibble - 8); then for each block the
+ * d of each panel, then (Q4_1) the m of each panel. */
+static T512 void decode_tile(int type, const uint8_t *w, size_t pb, int np, int64_t n_in,
+                             float *qt) {
+    const int64_t nb = n_in / FA_QK;
+    const size_t bb = type == FA_Q8_0 ? 544 : type == FA_Q4_0 ? 288 : 320;
+    const size_t qoff = type == FA_Q4_1 ? 64 : 32;
+    const __m512 table = type == FA_Q4_0
+        ? _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7)
+        : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    float *scales = qt + nb * FA_QK * np * 16;
+    for (int64_t b = 0; b < nb; b++) {
+        float *qb = qt + b * FA_QK * np * 16;
+        for (int p = 0; p < np; p++) {
+            const uint8_t *blk = w + p * pb + (size_t)b * bb;
+            if (type == FA_Q8_0) {
+                for (int g = 0; g < 8; g++) {
+                    __m512i v = _mm512_loadu_si512((const void *)(blk + 32 + 64 * g));
+                    for (int j = 0; j < 4; j++) {
+                        __m512i u = j == 3 ? v : _mm512_slli_epi32(v, 24 - 8 * j);
+                        _mm512_storeu_ps(qb + ((4 * g + j) * np + p) * 16,
+                                         _mm512_cvtepi32_ps(_mm512_srai_epi32(u, 24)));
+                    }
+                }
+            } else {
+                for (int g = 0; g < 4; g++) {
+                    __m512i nib = _mm512_loadu_si512((const void *)(blk + qoff + 64 * g));
+                    for (int j = 0; j < 8; j++) {
+                        _mm512_storeu_ps(qb + ((8 * g + j) * np + p) * 16,
+                                         _mm512_permutexvar_ps(nib, table));
+                        nib = _mm512_srli_epi32(nib, 4);
+                    }
+                }
+            }
+            float *sb = scales + b * 2 * np * 16;
+            _mm512_storeu_ps(sb + p * 16,
+                             _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk)));
+            if (type == FA_Q4_1)
+                _mm512_storeu_ps(sb + (np + p) * 16, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                         (const __m256i *)(blk + 32))));
+        }
+    }
+}
+
+/* A prefill over n_panels panels and n_tok tokens: each pair of panels is
+ * decoded to floats once and then multiplied with every token, instead of
+ * decoding it again for each group of 6 tokens.  The same products as
+ * block_tile from the packed bytes, bit for bit.  Returns 0 (and does
+ * nothing) for the float types or when the tile buffer cannot be allocated. */
+static int avx512_prefill(int type, const uint8_t *w, size_t pb, int64_t n_panels,
+                          const float *x, int64_t ldx, const float *sx, int64_t ldsx,
+                          int64_t n_tok, int64_t n_in, float *y, int64_t ldy, int64_t rows) {
+    typedef void (*decoded_fn)(const float *, int, const float *, int64_t, const float *,
+                               int64_t, int, int64_t, float *, int64_t, int64_t);
+    decoded_fn run = type == FA_Q8_0 ? decoded_q8_0
+                     : type == FA_Q4_0 ? decoded_q4_0
+                     : type == FA_Q4_1 ? decoded_q4_1
+                                       : NULL;
+    if (!run) return 0;
+    const int64_t nb = n_in / FA_QK;
+    /* 2 panels: 32 x 16 values and 2 x 16 scales per block each */
+    float *qt = malloc(sizeof(float) * (size_t)nb * 2 * (FA_QK + 2) * 16);
+    if (!qt) return 0;
+    for (int64_t p = 0; p < n_panels; p += 2) {
+        const int np = n_panels - p < 2 ? 1 : 2;
+        decode_tile(type, w + p * pb, pb, np, n_in, qt);
+        for (int64_t t = 0; t < n_tok; t += 6) {
+            const int nt = n_tok - t < 6 ? (int)(n_tok - t) : 6;
+            run(qt, np, x + t * ldx, ldx, sx + t * ldsx, ldsx, nt, n_in,
+                y + t * ldy + p * FA_PANEL, ldy, rows - p * FA_PANEL);
+        }
+    }
+    free(qt);
+    return 1;
+}
 
 static void avx512_run(int type, const uint8_t *w, size_t pb, int np, const float *x,
                        int64_t ldx, const float *sx, int64_t ldsx, int nt, int64_t n_in,
@@ -233,12 +363,12 @@ static void avx512_run(int type, const uint8_t *w, size_t pb, int np, const floa
 }
 
 const fa_panel_kernels fa_panel_kernels_avx512 = {
-    avx512_run, 4, 2, 6,
+    avx512_run, avx512_prefill, 4, 2, 6,
     1u << FA_F32 | 1u << FA_F16 | 1u << FA_BF16 | 1u << FA_Q8_0 | 1u << FA_Q4_0 | 1u << FA_Q4_1,
 };
 
 #else  /* not x86-64 with GCC: dispatch never selects this level */
 
-const fa_panel_kernels fa_panel_kernels_avx512 = {0, 1, 1, 1, 0};
+const fa_panel_kernels fa_panel_kernels_avx512 = {0, 0, 1, 1, 1, 0};
 
 #endif
