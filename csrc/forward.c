@@ -7,15 +7,19 @@
  *   E   n_embd     Ekv  n_embd_kv = n_kv_head * head_dim     F  n_ff
  *
  * One call runs every layer inside ONE OpenMP parallel region.  Each thread
- * walks the same list of steps; a step is either a kernel doing the thread's
- * share (matmul rows, attention heads) or a "row-local" step where each
- * thread handles whole token rows in plain C (residual adds, biases, norms,
- * rope, cache writes).  A barrier (team_wait below, not OpenMP's) separates
- * a step from the next one that reads its output.  Every value is computed
- * by one thread in a fixed order, so results depend neither on the thread
- * count nor on how a prompt is cut into chunks or calls: prefill + decode ==
- * one forward, bit for bit.
+ * walks the same list of steps; a step is a kernel doing the thread's share
+ * (matmul rows, attention heads) plus the element-wise work on what the
+ * thread just produced (residual adds and biases of its rows, the MLP's
+ * activation of its rows, bias/rope/cache of its heads when its rows are
+ * whole heads), or a step shared out by token rows or (token, head) pairs.
+ * A barrier (team_wait below, not OpenMP's) separates a step from the next
+ * one that reads what other threads wrote.  Every value is computed by one
+ * fixed sequence of operations, whichever thread runs it (a decode's norms
+ * run on every thread, each into its own copy, the same arithmetic), so
+ * results depend neither on the thread count nor on how a prompt is cut into
+ * chunks or calls: prefill + decode == one forward, bit for bit.
  */
+#include <math.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -114,6 +118,7 @@ int fa_model_check(const fa_model *m) {
     if (m->n_head * m->head_dim != m->n_embd || m->n_head % m->n_kv_head)
         return FA_ERR_ARG;
     if (!(m->norm_eps > 0.0f) || !(m->rope_theta > 0.0f)) return FA_ERR_ARG;
+    if (m->family == FA_LLAMA && m->head_dim % 2) return FA_ERR_ARG;  /* rope pairs */
 
     const int64_t E = m->n_embd, Ekv = m->n_kv_head * m->head_dim, F = m->n_ff;
     const int gpt2 = m->family == FA_GPT2;
@@ -171,8 +176,12 @@ int fa_state_init(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chu
     s->att = alloc_floats(chunk, E, 1, 1);
     s->ffn_a = alloc_floats(chunk, F, 1, 1);
     s->ffn_b = alloc_floats(chunk, F, 1, 1);
+    s->own_rows = chunk < FA_OWN_ROWS ? chunk : FA_OWN_ROWS;
+    if (m->family == FA_LLAMA) {
+        s->rope_cs = alloc_floats(chunk, m->head_dim, 1, 1);
+    }
     if (!s->k_cache || !s->v_cache || !s->x || !s->xn || !s->q || !s->qkv || !s->att
-        || !s->ffn_a || !s->ffn_b) {
+        || !s->ffn_a || !s->ffn_b || (m->family == FA_LLAMA && !s->rope_cs)) {
         fa_state_free(s);
         return FA_ERR_NOMEM;
     }
@@ -191,15 +200,21 @@ void fa_state_free(fa_state *s) {
     free(s->ffn_a);
     free(s->ffn_b);
     free(s->att_scratch);
+    free(s->xn_own);
+    free(s->rope_cs);
     memset(s, 0, sizeof(*s));
 }
 
 /* ------------------------------------------------------ row-local steps */
 
-/* Known shortcoming: these steps split by token rows, so while decoding one
- * token they all run on thread 0 while the others wait at the next barrier.
- * For SmolLM2 that is the two norms, rope of q and k (which recomputes its
- * cos/sin every layer) and the cache writes, about 1% of a token's time. */
+/* Known shortcoming: the embedding lookup and the rope angles still split by
+ * token rows, so while decoding one token they run on thread 0 while the
+ * others wait at the barrier after them; that is once per call, not per
+ * layer.  The per-layer row-local steps are gone from a decode: its norms run
+ * on every thread (a few microseconds of repeated work, cheaper than a
+ * barrier), residual adds and the activation are fused into the products,
+ * and the head step (biases, rope, cache writes) is either fused or shared
+ * out by (token, head) pairs. */
 
 /* x = token_embd[ids] (+ position_embd[pos0 ..] for gpt2), for rows t0 .. t1.
  * tmp [n, E] holds the position rows. */
@@ -217,20 +232,6 @@ static void embed_rows(const fa_model *m, const int32_t *ids, int64_t pos0, floa
     }
 }
 
-/* x += y (+ b), rows t0 .. t1 of width n.  x [., n], y [., n], b [n] or NULL. */
-static void add_residual(float *x, const float *y, const float *b, int64_t n,
-                         int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; t++) {
-        float *xt = x + t * n;
-        const float *yt = y + t * n;
-        if (b) {
-            for (int64_t i = 0; i < n; i++) xt[i] += yt[i] + b[i];
-        } else {
-            for (int64_t i = 0; i < n; i++) xt[i] += yt[i];
-        }
-    }
-}
-
 /* y = norm(x) with LayerNorm (gpt2) or RMSNorm (llama), rows t0 .. t1. */
 static void norm_rows(const fa_model *m, const float *x, const float *g, const float *b,
                       float *y, int64_t t0, int64_t t1) {
@@ -243,59 +244,228 @@ static void norm_rows(const fa_model *m, const float *x, const float *g, const f
     }
 }
 
-/* row[i] += b[i] for i < n, when b is given. */
-static void add_bias_row(float *row, const float *b, int64_t n) {
-    if (!b) return;
-    for (int64_t i = 0; i < n; i++) row[i] += b[i];
+/* Cos and sin of every rotation angle of positions pos0 + t0 .. pos0 + t1 - 1:
+ * cs [n, head_dim / 2, 2].  The same arithmetic as fa_rope (ops.c), so a
+ * rotation by this table gives fa_rope's numbers; computed once per chunk
+ * instead of once per layer for q and again for k. */
+static void rope_table_rows(const fa_model *m, float *cs, int64_t pos0, int64_t t0,
+                            int64_t t1) {
+    const int hd = (int)m->head_dim, half = hd / 2;
+    for (int64_t t = t0; t < t1; t++) {
+        double pos = (double)(pos0 + t);
+        float *ct = cs + t * hd;
+        for (int i = 0; i < half; i++) {
+            double angle = pos * pow((double)m->rope_theta, -2.0 * i / hd);
+            ct[2 * i] = (float)cos(angle);
+            ct[2 * i + 1] = (float)sin(angle);
+        }
+    }
 }
 
-/* x[i] += b[i % n] for flat indices i0 .. i1 of x [., n], when b is given. */
-static void add_bias_range(float *x, const float *b, int64_t n, int64_t i0, int64_t i1) {
-    if (!b) return;
-    for (int64_t i = i0; i < i1; i++) x[i] += b[i % n];
+/* Rotate one head x [head_dim] by the angles ct [head_dim / 2, 2]. */
+static void rope_head(float *x, const float *ct, int hd, int neox) {
+    const int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        float c = ct[2 * i], sn = ct[2 * i + 1];
+        int a = neox ? i : 2 * i;
+        int b = neox ? i + half : 2 * i + 1;
+        float x0 = x[a], x1 = x[b];
+        x[a] = x0 * c - x1 * sn;
+        x[b] = x0 * sn + x1 * c;
+    }
 }
 
-/* Copy row t of k and v ([n, Ekv] each, head after head) into the layer's
- * caches [n_kv_head][n_ctx][head_dim] at position pos. */
-static void store_kv_row(const fa_model *m, const fa_state *s, float *k_cache, float *v_cache,
-                         const float *k, const float *v, int64_t pos) {
+/* x[i] += b[i] for i < n, when b is given. */
+static void add_bias(float *x, const float *b, int64_t n) {
+    if (!b) return;
+    for (int64_t i = 0; i < n; i++) x[i] += b[i];
+}
+
+/* ------------------------------------------------------- head-local steps
+ *
+ * Between the q/k/v products and attention, each head of each token needs
+ * its bias, rope (llama) and, for k and v, its place in the cache.  These are
+ * done per (token, head): by the thread that computed the head's rows, right
+ * after its product, when every thread's rows fall on head boundaries; else
+ * after a barrier, with the (token, head) pairs shared out evenly, so that a
+ * decode of one token keeps every thread busy. */
+
+/* Where the q, k and v heads of token t are.  gpt2: one qkv row [3E] with
+ * q, k, v one after the other; llama: q [n, E], k and v [n, Ekv]. */
+typedef struct {
+    float *q, *k, *v;         /* the products */
+    int64_t ldq, ldk, ldv;    /* their row strides */
+    float *k_cache, *v_cache; /* this layer's */
+    const float *bq, *bk, *bv;
+    int64_t pos0;
+} head_io;
+
+static void q_head(const fa_model *m, fa_state *s, const head_io *io, int64_t t, int64_t h) {
     const int64_t hd = m->head_dim;
-    for (int64_t h = 0; h < m->n_kv_head; h++) {
-        size_t at = (size_t)(h * s->n_ctx + pos) * (size_t)hd;
-        memcpy(k_cache + at, k + h * hd, sizeof(float) * (size_t)hd);
-        memcpy(v_cache + at, v + h * hd, sizeof(float) * (size_t)hd);
+    float *qh = io->q + t * io->ldq + h * hd;
+    if (io->bq) add_bias(qh, io->bq + h * hd, hd);
+    if (m->family == FA_LLAMA)
+        rope_head(qh, s->rope_cs + t * hd, (int)hd, m->rope_neox);
+    if (qh != s->q + t * m->n_embd + h * hd)  /* gpt2: out of the qkv row */
+        memcpy(s->q + t * m->n_embd + h * hd, qh, sizeof(float) * (size_t)hd);
+}
+
+static void k_head(const fa_model *m, fa_state *s, const head_io *io, int64_t t, int64_t h) {
+    const int64_t hd = m->head_dim;
+    float *kh = io->k + t * io->ldk + h * hd;
+    if (io->bk) add_bias(kh, io->bk + h * hd, hd);
+    if (m->family == FA_LLAMA)
+        rope_head(kh, s->rope_cs + t * hd, (int)hd, m->rope_neox);
+    memcpy(io->k_cache + (size_t)(h * s->n_ctx + io->pos0 + t) * (size_t)hd, kh,
+           sizeof(float) * (size_t)hd);
+}
+
+static void v_head(const fa_model *m, fa_state *s, const head_io *io, int64_t t, int64_t h) {
+    const int64_t hd = m->head_dim;
+    float *vh = io->v + t * io->ldv + h * hd;
+    if (io->bv) add_bias(vh, io->bv + h * hd, hd);
+    memcpy(io->v_cache + (size_t)(h * s->n_ctx + io->pos0 + t) * (size_t)hd, vh,
+           sizeof(float) * (size_t)hd);
+}
+
+/* Thread ith's even share of the n * (n_head + n_kv_head) (token, head)
+ * units; a kv unit does the k head and the v head. */
+static void heads_shared(const fa_model *m, fa_state *s, const head_io *io, int64_t n,
+                         int ith, int nth) {
+    const int64_t per_token = m->n_head + m->n_kv_head;
+    int64_t u0, u1;
+    share(n * per_token, ith, nth, &u0, &u1);
+    for (int64_t u = u0; u < u1; u++) {
+        int64_t t = u / per_token, j = u % per_token;
+        if (j < m->n_head) {
+            q_head(m, s, io, t, j);
+        } else {
+            k_head(m, s, io, t, j - m->n_head);
+            v_head(m, s, io, t, j - m->n_head);
+        }
     }
 }
 
-/* gpt2: split qkv [n, 3E] rows t0 .. t1 into q [n, E] and the caches, adding
- * the fused bias on the way. */
-static void split_qkv_rows(const fa_model *m, const fa_layer *L, fa_state *s,
-                           float *k_cache, float *v_cache, int64_t pos0,
-                           int64_t t0, int64_t t1) {
+/* The rows [r0, r1) of a product that thread ith writes, in whole heads:
+ * *h0, *h1 heads, or 0 if the rows do not fall on head boundaries. */
+static int share_heads(const fa_model *m, const fa_weight *w, int ith, int nth,
+                       int64_t *h0, int64_t *h1) {
+    int64_t r0, r1;
+    fa_matmul_share(m->act, w, ith, nth, &r0, &r1);
+    if (r0 < 0 || r1 < r0 || r1 > w->n_out || r0 % m->head_dim || r1 % m->head_dim)
+        return 0;
+    *h0 = r0 / m->head_dim;
+    *h1 = r1 / m->head_dim;
+    return 1;
+}
+
+/* Do all the threads' shares of the q/k/v products fall on head boundaries?
+ * Every thread asks about every thread, so all take the same path. */
+static int heads_fusable(const fa_model *m, const fa_layer *L, int nth) {
+    int64_t h0, h1;
+    for (int i = 0; i < nth; i++) {
+        if (m->family == FA_GPT2) {
+            if (!share_heads(m, &L->attn_qkv, i, nth, &h0, &h1)) return 0;
+        } else if (!share_heads(m, &L->attn_q, i, nth, &h0, &h1)
+                   || !share_heads(m, &L->attn_k, i, nth, &h0, &h1)
+                   || !share_heads(m, &L->attn_v, i, nth, &h0, &h1)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The heads of thread ith's own product rows, every token (heads_fusable). */
+static void heads_own(const fa_model *m, const fa_layer *L, fa_state *s, const head_io *io,
+                      int64_t n, int ith, int nth) {
+    int64_t h0 = 0, h1 = 0;  /* heads_fusable said every share_heads succeeds */
+    if (m->family == FA_GPT2) {
+        /* qkv heads: n_head of q, then n_head of k, then n_head of v */
+        share_heads(m, &L->attn_qkv, ith, nth, &h0, &h1);
+        const int64_t nh = m->n_head;
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t h = h0; h < h1; h++) {
+                if (h < nh) q_head(m, s, io, t, h);
+                else if (h < 2 * nh) k_head(m, s, io, t, h - nh);
+                else v_head(m, s, io, t, h - 2 * nh);
+            }
+        return;
+    }
+    share_heads(m, &L->attn_q, ith, nth, &h0, &h1);
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t h = h0; h < h1; h++) q_head(m, s, io, t, h);
+    share_heads(m, &L->attn_k, ith, nth, &h0, &h1);
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t h = h0; h < h1; h++) k_head(m, s, io, t, h);
+    share_heads(m, &L->attn_v, ith, nth, &h0, &h1);
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t h = h0; h < h1; h++) v_head(m, s, io, t, h);
+}
+
+/* --------------------------------------------- steps fused into products */
+
+/* x[t, r] += y[t, r] (+ b[r]) for the rows [r0, r1) thread ith wrote of the
+ * product y [n, E] by w, every token t: the residual add, done by the thread
+ * that produced the values, needs no barrier of its own. */
+static void residual_own(const fa_model *m, const fa_weight *w, float *x, const float *y,
+                         const float *b, int64_t n, int ith, int nth) {
     const int64_t E = m->n_embd;
-    for (int64_t t = t0; t < t1; t++) {
-        float *row = s->qkv + t * 3 * E;
-        add_bias_row(row, L->attn_qkv_b, 3 * E);
-        memcpy(s->q + t * E, row, sizeof(float) * (size_t)E);
-        store_kv_row(m, s, k_cache, v_cache, row + E, row + 2 * E, pos0 + t);
+    int64_t r0, r1;
+    fa_matmul_share(m->act, w, ith, nth, &r0, &r1);
+    if (r0 < 0 || r1 > E || r1 <= r0) return;  /* n_out == E was checked with the model */
+    for (int64_t t = 0; t < n; t++) {
+        float *xt = x + t * E;
+        const float *yt = y + t * E;
+        if (b) {
+            for (int64_t i = r0; i < r1; i++) xt[i] += yt[i] + b[i];
+        } else {
+            for (int64_t i = r0; i < r1; i++) xt[i] += yt[i];
+        }
     }
 }
 
-/* llama: biases (if any), rope on q [n, E] and k [n, Ekv], then k and v into
- * the caches, rows t0 .. t1.  k, v: [n, Ekv] each. */
-static void rope_store_rows(const fa_model *m, const fa_layer *L, fa_state *s,
-                            float *k, float *v, float *k_cache, float *v_cache,
-                            int64_t pos0, int64_t t0, int64_t t1) {
-    const int64_t E = m->n_embd, Ekv = m->n_kv_head * m->head_dim;
-    const int hd = (int)m->head_dim;
-    for (int64_t t = t0; t < t1; t++) {
-        float *qt = s->q + t * E, *kt = k + t * Ekv, *vt = v + t * Ekv;
-        add_bias_row(qt, L->attn_q_b, E);
-        add_bias_row(kt, L->attn_k_b, Ekv);
-        add_bias_row(vt, L->attn_v_b, Ekv);
-        fa_rope(qt, 1, (int)m->n_head, hd, pos0 + t, m->rope_theta, m->rope_neox, 0, 1);
-        fa_rope(kt, 1, (int)m->n_kv_head, hd, pos0 + t, m->rope_theta, m->rope_neox, 0, 1);
-        store_kv_row(m, s, k_cache, v_cache, kt, vt, pos0 + t);
+/* Do up and gate give every thread the same rows?  (Same n_out, but their
+ * layouts may differ; then the activation waits for a barrier.) */
+static int mlp_fusable(const fa_model *m, const fa_layer *L, int nth) {
+    if (m->family == FA_GPT2) return 1;
+    for (int i = 0; i < nth; i++) {
+        int64_t a0, a1, b0, b1;
+        fa_matmul_share(m->act, &L->ffn_up, i, nth, &a0, &a1);
+        fa_matmul_share(m->act, &L->ffn_gate, i, nth, &b0, &b1);
+        if (a0 != b0 || a1 != b1) return 0;
+    }
+    return 1;
+}
+
+/* Biases, then gelu (gpt2) or swiglu (llama) of the values [r0, r1) of each
+ * token's row of ffn_a (up) and ffn_b (gate), F wide. */
+static void mlp_act_cols(const fa_model *m, const fa_layer *L, fa_state *s, int64_t n,
+                         int64_t r0, int64_t r1) {
+    const int64_t F = m->n_ff;
+    for (int64_t t = 0; t < n; t++) {
+        float *a = s->ffn_a + t * F, *g = s->ffn_b + t * F;
+        if (L->ffn_up_b) add_bias(a + r0, L->ffn_up_b + r0, r1 - r0);
+        if (m->family == FA_GPT2) {
+            fa_gelu(a + r0, r1 - r0, 0, 1);
+        } else {
+            if (L->ffn_gate_b) add_bias(g + r0, L->ffn_gate_b + r0, r1 - r0);
+            fa_swiglu(g + r0, a + r0, r1 - r0, 0, 1);
+        }
+    }
+}
+
+/* The same over the flat values [i0, i1) of ffn_a / ffn_b [n, F]. */
+static void mlp_act_flat(const fa_model *m, const fa_layer *L, fa_state *s, int64_t i0,
+                         int64_t i1) {
+    const int64_t F = m->n_ff;
+    if (L->ffn_up_b)
+        for (int64_t i = i0; i < i1; i++) s->ffn_a[i] += L->ffn_up_b[i % F];
+    if (m->family == FA_GPT2) {
+        fa_gelu(s->ffn_a + i0, i1 - i0, 0, 1);
+    } else {
+        if (L->ffn_gate_b)
+            for (int64_t i = i0; i < i1; i++) s->ffn_b[i] += L->ffn_gate_b[i % F];
+        fa_swiglu(s->ffn_b + i0, s->ffn_a + i0, i1 - i0, 0, 1);
     }
 }
 
@@ -303,10 +473,21 @@ static void rope_store_rows(const fa_model *m, const fa_layer *L, fa_state *s,
 
 /* One chunk of n tokens at positions pos0 .. pos0 + n - 1, every layer, run by
  * thread tm->ith of tm->nth.  Writes logits rows if want_logits: all n rows into
- * logits [n, n_vocab], or only the last into logits [n_vocab]. */
+ * logits [n, n_vocab], or only the last into logits [n_vocab].
+ *
+ * Barriers per layer: 5 for a decode (at most FA_OWN_ROWS tokens) whose
+ * q/k/v shares fall on head boundaries, 6 when they do not (SmolLM2 on 2
+ * threads: 288 of q's 576 rows each, 4.5 heads), one more if up and gate
+ * give a thread different rows; 2 more for a longer chunk (its norms).
+ *   q/k/v products | (heads shared out) | attention | out product + residual |
+ *   norm, up/gate products + activation | down product + residual | norm
+ * A decode's norms run on every thread over every row, each into its own
+ * copy (xn_own), so no barrier follows them; a longer chunk shares the rows
+ * of its norms and waits, since redoing them on every thread would cost more
+ * than the barrier. */
 static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n,
                           int64_t pos0, float *logits, int want_logits, int all_rows,
-                          team *tm) {
+                          int more, team *tm) {
     const int ith = tm->ith, nth = tm->nth;
     const int64_t E = m->n_embd, Ekv = m->n_kv_head * m->head_dim, F = m->n_ff;
     const int64_t layer_cache = m->n_kv_head * s->n_ctx * m->head_dim;
@@ -316,77 +497,98 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
     int64_t f0, f1;  /* this thread's values of an [n, F] activation */
     share(n * F, ith, nth, &f0, &f1);
 
-    /* embeddings, then the first block's attention norm */
-    embed_rows(m, ids, pos0, s->x, s->xn, t0, t1);
-    norm_rows(m, s->x, m->layers[0].attn_norm_w, m->layers[0].attn_norm_b, s->xn, t0, t1);
+    /* normed rows: every thread's own copy of all n rows (nr0 = 0, nr1 = n), or
+     * one shared array with this thread's rows (nr0 = t0, nr1 = t1) */
+    const int own = n <= s->own_rows;
+    float *xn = own ? s->xn_own + (int64_t)ith * s->own_rows * E : s->xn;
+    const int64_t nr0 = own ? 0 : t0, nr1 = own ? n : t1;
+    float *y = s->xn;  /* the out and down products, before their residual adds */
+
+    /* embeddings and rope angles, then the first block's attention norm */
+    embed_rows(m, ids, pos0, s->x, s->att, t0, t1);
+    if (!gpt2) rope_table_rows(m, s->rope_cs, pos0, t0, t1);
     BARRIER
+    norm_rows(m, s->x, m->layers[0].attn_norm_w, m->layers[0].attn_norm_b, xn, nr0, nr1);
+    if (!own) BARRIER
 
     for (int64_t l = 0; l < m->n_layer; l++) {
         const fa_layer *L = &m->layers[l];
-        float *k_cache = s->k_cache + l * layer_cache;
-        float *v_cache = s->v_cache + l * layer_cache;
+        head_io io;
+        io.k_cache = s->k_cache + l * layer_cache;
+        io.v_cache = s->v_cache + l * layer_cache;
+        io.pos0 = pos0;
 
-        /* attention: q, k, v; positions; cache; softmax(q k^T / sqrt(hd)) v */
+        /* attention: q, k, v; biases, positions, cache; softmax(q k^T / sqrt(hd)) v */
         if (gpt2) {
-            fa_matmul_act(m->act, &L->attn_qkv, s->xn, s->qkv, n, ith, nth);   /* -> [n, 3E] */
-            BARRIER
-            split_qkv_rows(m, L, s, k_cache, v_cache, pos0, t0, t1);
+            fa_matmul_act(m->act, &L->attn_qkv, xn, s->qkv, n, ith, nth);      /* -> [n, 3E] */
+            io.q = s->qkv, io.k = s->qkv + E, io.v = s->qkv + 2 * E;
+            io.ldq = io.ldk = io.ldv = 3 * E;
+            io.bq = L->attn_qkv_b;
+            io.bk = L->attn_qkv_b ? L->attn_qkv_b + E : NULL;
+            io.bv = L->attn_qkv_b ? L->attn_qkv_b + 2 * E : NULL;
         } else {
-            float *k = s->qkv, *v = s->qkv + s->max_chunk * Ekv;
-            fa_matmul_act(m->act, &L->attn_q, s->xn, s->q, n, ith, nth);        /* -> [n, E] */
-            fa_matmul_act(m->act, &L->attn_k, s->xn, k, n, ith, nth);           /* -> [n, Ekv] */
-            fa_matmul_act(m->act, &L->attn_v, s->xn, v, n, ith, nth);           /* -> [n, Ekv] */
+            io.q = s->q, io.k = s->qkv, io.v = s->qkv + s->max_chunk * Ekv;
+            io.ldq = E, io.ldk = io.ldv = Ekv;
+            io.bq = L->attn_q_b, io.bk = L->attn_k_b, io.bv = L->attn_v_b;
+            fa_matmul_act(m->act, &L->attn_q, xn, io.q, n, ith, nth);          /* -> [n, E] */
+            fa_matmul_act(m->act, &L->attn_k, xn, io.k, n, ith, nth);          /* -> [n, Ekv] */
+            fa_matmul_act(m->act, &L->attn_v, xn, io.v, n, ith, nth);          /* -> [n, Ekv] */
+        }
+        if (heads_fusable(m, L, nth)) {
+            heads_own(m, L, s, &io, n, ith, nth);
+        } else {
             BARRIER
-            rope_store_rows(m, L, s, k, v, k_cache, v_cache, pos0, t0, t1);
+            heads_shared(m, s, &io, n, ith, nth);
         }
         BARRIER
-        fa_attention(s->q, k_cache, v_cache, s->att, n, pos0, (int)m->n_head,
+        fa_attention(s->q, io.k_cache, io.v_cache, s->att, n, pos0, (int)m->n_head,
                      (int)m->n_kv_head, (int)m->head_dim, s->n_ctx, s->att_scratch,
                      ith, nth);                                       /* -> [n, E] */
         BARRIER
-        fa_matmul_act(m->act, &L->attn_output, s->att, s->xn, n, ith, nth);     /* -> [n, E] */
+        fa_matmul_act(m->act, &L->attn_output, s->att, y, n, ith, nth);         /* -> [n, E] */
+        residual_own(m, &L->attn_output, s->x, y, L->attn_output_b, n, ith, nth);
         BARRIER
 
-        /* residual, then the MLP's norm */
-        add_residual(s->x, s->xn, L->attn_output_b, E, t0, t1);
-        norm_rows(m, s->x, L->ffn_norm_w, L->ffn_norm_b, s->xn, t0, t1);
-        BARRIER
-
-        /* MLP: gpt2 down(gelu(up h)), llama down(silu(gate h) * up h) */
-        fa_matmul_act(m->act, &L->ffn_up, s->xn, s->ffn_a, n, ith, nth);        /* -> [n, F] */
-        if (!gpt2) fa_matmul_act(m->act, &L->ffn_gate, s->xn, s->ffn_b, n, ith, nth);
-        BARRIER
-        add_bias_range(s->ffn_a, L->ffn_up_b, F, f0, f1);
-        add_bias_range(s->ffn_b, L->ffn_gate_b, F, f0, f1);
-        if (gpt2) {
-            fa_gelu(s->ffn_a + f0, f1 - f0, 0, 1);
+        /* the MLP's norm; gpt2 down(gelu(up h)), llama down(silu(gate h) * up h) */
+        norm_rows(m, s->x, L->ffn_norm_w, L->ffn_norm_b, xn, nr0, nr1);
+        if (!own) BARRIER
+        fa_matmul_act(m->act, &L->ffn_up, xn, s->ffn_a, n, ith, nth);           /* -> [n, F] */
+        if (!gpt2) fa_matmul_act(m->act, &L->ffn_gate, xn, s->ffn_b, n, ith, nth);
+        if (mlp_fusable(m, L, nth)) {
+            int64_t r0, r1;
+            fa_matmul_share(m->act, &L->ffn_up, ith, nth, &r0, &r1);
+            if (r0 >= 0 && r1 <= F && r0 < r1) mlp_act_cols(m, L, s, n, r0, r1);
         } else {
-            fa_swiglu(s->ffn_b + f0, s->ffn_a + f0, f1 - f0, 0, 1);
+            BARRIER
+            mlp_act_flat(m, L, s, f0, f1);
         }
         BARRIER
         float *h = gpt2 ? s->ffn_a : s->ffn_b;
-        fa_matmul_act(m->act, &L->ffn_down, h, s->xn, n, ith, nth);             /* -> [n, E] */
+        fa_matmul_act(m->act, &L->ffn_down, h, y, n, ith, nth);                 /* -> [n, E] */
+        residual_own(m, &L->ffn_down, s->x, y, L->ffn_down_b, n, ith, nth);
         BARRIER
 
-        /* residual, then the next norm: the next block's, or the final one */
-        add_residual(s->x, s->xn, L->ffn_down_b, E, t0, t1);
+        /* the next norm: the next block's, or the final one */
         if (l + 1 < m->n_layer) {
             const fa_layer *N = &m->layers[l + 1];
-            norm_rows(m, s->x, N->attn_norm_w, N->attn_norm_b, s->xn, t0, t1);
+            norm_rows(m, s->x, N->attn_norm_w, N->attn_norm_b, xn, nr0, nr1);
+            if (!own) BARRIER
         } else if (want_logits) {
-            norm_rows(m, s->x, m->output_norm_w, m->output_norm_b, s->xn, t0, t1);
+            norm_rows(m, s->x, m->output_norm_w, m->output_norm_b, xn, nr0, nr1);
+            if (!own) BARRIER
         }
-        BARRIER
     }
 
     /* output head */
     if (want_logits) {
         if (all_rows)
-            fa_matmul_act(m->act, &m->output, s->xn, logits, n, ith, nth);      /* -> [n, n_vocab] */
+            fa_matmul_act(m->act, &m->output, xn, logits, n, ith, nth);         /* -> [n, n_vocab] */
         else
-            fa_matmul_act(m->act, &m->output, s->xn + (n - 1) * E, logits, 1, ith, nth);
-        BARRIER
+            fa_matmul_act(m->act, &m->output, xn + (n - 1) * E, logits, 1, ith, nth);
     }
+    /* a next chunk would write x, xn and the scratch others may still read;
+     * after the last one, the end of the parallel region waits */
+    if (more) BARRIER
 }
 
 int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq,
@@ -397,21 +599,33 @@ int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq
     if (s->n_layer != m->n_layer || s->n_kv_head != m->n_kv_head
         || s->head_dim != m->head_dim || s->n_embd != m->n_embd || s->n_ctx > m->n_ctx)
         return FA_ERR_ARG;
+    if (m->family == FA_LLAMA && !s->rope_cs) return FA_ERR_ARG;  /* a gpt2 state */
     for (int64_t t = 0; t < n_seq; t++)
         if (ids[t] < 0 || ids[t] >= m->n_vocab) return FA_ERR_BAD_ID;
     if (s->n_past < 0 || s->n_past > s->n_ctx || n_seq > s->n_ctx - s->n_past)
         return FA_ERR_OVERFLOW;
     if (n_threads < 1) n_threads = 1;
-#ifndef _OPENMP
+#ifdef _OPENMP
+    /* the region may get fewer threads than asked; every per-thread array
+     * below is sized for n_threads, which bounds it */
+#else
     n_threads = 1;
 #endif
 
-    /* attention scratch: n_ctx floats per thread */
+    /* per-thread scratch: n_ctx floats of attention, own_rows normed rows;
+     * grown when a call brings more threads, never per token */
     if (s->att_threads < n_threads) {
         float *scratch = alloc_floats(n_threads, s->n_ctx, 1, 1);
-        if (!scratch) return FA_ERR_NOMEM;
+        float *own = alloc_floats(n_threads, s->own_rows, s->n_embd, 1);
+        if (!scratch || !own) {
+            free(scratch);
+            free(own);
+            return FA_ERR_NOMEM;
+        }
         free(s->att_scratch);
+        free(s->xn_own);
         s->att_scratch = scratch;
+        s->xn_own = own;
         s->att_threads = n_threads;
     }
 
@@ -431,7 +645,7 @@ int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq
             int last = c0 + n == n_seq;
             float *out = all_logits ? logits + c0 * m->n_vocab : logits;
             forward_chunk(m, s, ids + c0, n, n_past + c0, out, all_logits || last,
-                          all_logits, &tm);
+                          all_logits, !last, &tm);
         }
     }
     s->n_past = n_past + n_seq;

@@ -84,7 +84,17 @@ typedef struct {
     float *ffn_a, *ffn_b;      /* [., n_ff] */
     float *att_scratch;        /* [att_threads, n_ctx] */
     int att_threads;
+    float *xn_own;             /* [att_threads][own_rows, n_embd]: each thread's copy of
+                                  the normed rows when a chunk has few tokens */
+    int64_t own_rows;          /* rows each copy holds: min(max_chunk, FA_OWN_ROWS) */
+    float *rope_cs;            /* llama: [max_chunk, head_dim / 2, 2] cos and sin of
+                                  each position in the chunk */
 } fa_state;
+
+/* Chunks of at most this many tokens (decode) have every thread norm every
+ * row into its own copy instead of sharing the rows and waiting at a barrier
+ * (see forward.c). */
+#define FA_OWN_ROWS 4
 
 /* Check the model's sizes and pointers; FA_OK or FA_ERR_ARG. */
 int fa_model_check(const fa_model *m);
