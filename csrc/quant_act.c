@@ -267,31 +267,44 @@ INLV void vnni_t16x4(const uint8_t *const *src, size_t off, __m512i out[4]) {
 }
 
 /* Block b of 16 rows in lane layout: wv[k] lane i = unsigned values
- * 4k .. 4k+3 of row i (wq + off), dw[i] and mw[i] its scale and min. */
-INLV void vnni_wblock(int type, const uint8_t *const *rows, int64_t b, __m512i wv[8],
-                      float *dw, float *mw) {
+ * 4k .. 4k+3 of row i (wq + off), dw and mw lane i its scale and min.  Row i
+ * starts rofs[i] bytes after rows[0].  The halves are gathered (one 32-bit
+ * word per row: the scale, then for Q4_1 the min) and widened by vcvtph2ps,
+ * exact like fa_f16_table (a NaN scale may come out with other payload bits,
+ * and makes the outputs NaN at every level). */
+INLV void vnni_wblock(int type, const uint8_t *const *rows, __m512i rofs, int64_t b,
+                      __m512i wv[8], __m512 *dw, __m512 *mw) {
     __m512i t[4];
+    const size_t bytes = type == FA_Q8_0   ? FA_Q8_0_BYTES
+                         : type == FA_Q4_1 ? FA_Q4_1_BYTES
+                                           : FA_Q4_0_BYTES;
+    const size_t o = (size_t)b * bytes;
+    __m512i h = _mm512_i32gather_epi32(rofs, (const void *)(rows[0] + o), 1);
+    *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
     if (type == FA_Q8_0) {
-        const size_t o = (size_t)b * FA_Q8_0_BYTES;
         const __m512i flip = _mm512_set1_epi8((char)0x80);
         vnni_t16x4(rows, o + 2, t);
         for (int k = 0; k < 4; k++) wv[k] = _mm512_xor_si512(t[k], flip);
         vnni_t16x4(rows, o + 18, t);
         for (int k = 0; k < 4; k++) wv[4 + k] = _mm512_xor_si512(t[k], flip);
-        for (int i = 0; i < QV_ROWS; i++) dw[i] = fa_f16_table[fa_read_u16(rows[i] + o)];
         return;
     }
     const int q41 = type == FA_Q4_1;
-    const size_t o = (size_t)b * (q41 ? FA_Q4_1_BYTES : FA_Q4_0_BYTES);
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
     vnni_t16x4(rows, o + (q41 ? 4 : 2), t);
     for (int k = 0; k < 4; k++) {
         wv[k] = _mm512_and_si512(t[k], lo4);
         wv[4 + k] = _mm512_and_si512(_mm512_srli_epi32(t[k], 4), lo4);
     }
-    for (int i = 0; i < QV_ROWS; i++) dw[i] = fa_f16_table[fa_read_u16(rows[i] + o)];
-    if (q41)
-        for (int i = 0; i < QV_ROWS; i++) mw[i] = fa_f16_table[fa_read_u16(rows[i] + o + 2)];
+    if (q41) *mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+}
+
+/* Byte offsets of rows[i] from rows[0] (all rows of one weight, so they fit
+ * 32 bits: a group spans at most 16 rows). */
+INLV __m512i vnni_row_offsets(const uint8_t *const *rows) {
+    int32_t o[QV_ROWS];
+    for (int i = 0; i < QV_ROWS; i++) o[i] = (int32_t)(rows[i] - rows[0]);
+    return _mm512_loadu_si512((const void *)o);
 }
 
 /* p += the 4 products in each lane of unsigned w and the 4 signed bytes at
@@ -305,7 +318,9 @@ INLV void vnni_wblock(int type, const uint8_t *const *rows, int64_t b, __m512i w
  * direct builds each block from rows[] on the way. */
 INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
                     const uint8_t *const *rows, int64_t r, __mmask16 lanes, const q8_act *x,
-                    int64_t t0, const int T, float *y, int64_t ldy) {
+                    int64_t t0, const int T, float *y, int64_t ldy, const char *pf,
+                    size_t pf_bytes) {
+    const __m512i rofs = direct ? vnni_row_offsets(rows) : _mm512_setzero_si512();
     const int64_t nb = x->nb, n_in = x->n_in;
     const int off = q8_offset(type);
     __m512 acc[QV_T], m[QV_T];
@@ -319,10 +334,13 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
             dw = _mm512_loadu_ps((const float *)(pb + 512));
             if (type == FA_Q4_1) mw = _mm512_loadu_ps((const float *)(pb + 576));
         } else {
-            float dws[QV_ROWS], mws[QV_ROWS];
-            vnni_wblock(type, rows, b, wv, dws, mws);
-            dw = _mm512_loadu_ps(dws);
-            if (type == FA_Q4_1) mw = _mm512_loadu_ps(mws);
+            /* this block's share of the rows QV_PREFETCH groups ahead */
+            const size_t step = QV_ROWS * (type == FA_Q8_0   ? FA_Q8_0_BYTES
+                                           : type == FA_Q4_1 ? FA_Q4_1_BYTES
+                                                             : FA_Q4_0_BYTES);
+            for (size_t o = (size_t)b * step; o < (size_t)(b + 1) * step && o < pf_bytes; o += 64)
+                _mm_prefetch(pf + o, _MM_HINT_T0);
+            vnni_wblock(type, rows, rofs, b, wv, &dw, &mw);
         }
         __m512i p[QV_T];
 #pragma GCC unroll 8
@@ -353,12 +371,13 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
  * p, acc and m in registers. */
 typedef void (*vnni_tile_fn)(const uint8_t *pk, const uint8_t *const *rows, int64_t r,
                              __mmask16 lanes, const q8_act *x, int64_t t0, float *y,
-                             int64_t ldy);
+                             int64_t ldy, const char *pf, size_t pf_bytes);
 #define VNNI_TILE(type, dir, T)                                                        \
     TVNNI static void vnni_tile_##type##_##dir##_##T(                                  \
         const uint8_t *pk, const uint8_t *const *rows, int64_t r, __mmask16 lanes,      \
-        const q8_act *x, int64_t t0, float *y, int64_t ldy) {                           \
-        vnni_tile(type, dir, pk, rows, r, lanes, x, t0, T, y, ldy);                     \
+        const q8_act *x, int64_t t0, float *y, int64_t ldy, const char *pf,             \
+        size_t pf_bytes) {                                                              \
+        vnni_tile(type, dir, pk, rows, r, lanes, x, t0, T, y, ldy, pf, pf_bytes);       \
     }
 #define VNNI_TILES(type, dir)                                                          \
     VNNI_TILE(type, dir, 1) VNNI_TILE(type, dir, 2) VNNI_TILE(type, dir, 3)             \
@@ -385,15 +404,28 @@ static __mmask16 vnni_group_rows(const uint8_t *w, size_t rb, int64_t r, int64_t
     return (__mmask16)((1u << n) - 1);
 }
 
+/* Ask for rows r .. r + 15 (those below r1) to come into cache.  The kernels
+ * read 16 rows side by side, a pattern the hardware prefetcher follows
+ * poorly, so each group asks for the one QV_PREFETCH groups ahead. */
+#define QV_PREFETCH 2
+static inline void vnni_prefetch_rows(const uint8_t *w, size_t rb, int64_t r, int64_t r1) {
+    if (r >= r1) return;
+    const char *p = (const char *)(w + (size_t)r * rb);
+    size_t bytes = (size_t)(r1 - r < QV_ROWS ? r1 - r : QV_ROWS) * rb;
+    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
 /* The lane layout of one group, every block, into pk. */
 TVNNI static void vnni_pack(int type, const uint8_t *const *rows, int64_t nb, uint8_t *pk) {
+    const __m512i rofs = vnni_row_offsets(rows);
     for (int64_t b = 0; b < nb; b++) {
         __m512i wv[8];
         uint8_t *pb = pk + b * QV_BLOCK_BYTES;
-        float *dw = (float *)(pb + 512), *mw = (float *)(pb + 576);
-        vnni_wblock(type, rows, b, wv, dw, mw);
+        __m512 dwv, mwv = _mm512_setzero_ps();
+        vnni_wblock(type, rows, rofs, b, wv, &dwv, &mwv);
         for (int k = 0; k < 8; k++) _mm512_storeu_si512((void *)(pb + 64 * k), wv[k]);
-        if (type != FA_Q4_1) memset(mw, 0, 64);
+        _mm512_storeu_ps((float *)(pb + 512), dwv);
+        _mm512_storeu_ps((float *)(pb + 576), mwv);
     }
 }
 
@@ -409,6 +441,10 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
     const vnni_tile_fn *direct = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0_1
                                  : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0_1
                                                    : vnni_tiles_FA_Q4_1_1;
+    if (rb > (size_t)INT32_MAX / QV_ROWS) {  /* row offsets must fit 32 bits */
+        avx2_run(type, w, rb, r0, r1, x, n_seq, y, ldy);
+        return;
+    }
     const int64_t nb = x->nb;
     const size_t group_bytes = (size_t)nb * QV_BLOCK_BYTES;
     const int64_t n_groups = (r1 - r0 + QV_ROWS - 1) / QV_ROWS;
@@ -423,9 +459,12 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
     if (!pk) {
         for (int64_t r = r0; r < r1; r += QV_ROWS) {
             __mmask16 lanes = vnni_group_rows(w, rb, r, r1, rows);
+            const int64_t rp = r + QV_PREFETCH * QV_ROWS;
+            const char *pf = (const char *)(w + (size_t)rp * rb);
+            size_t pf_bytes = rp < r1 ? (size_t)(r1 - rp < QV_ROWS ? r1 - rp : QV_ROWS) * rb : 0;
             for (int64_t t0 = 0; t0 < n_seq; t0 += QV_T) {
                 int nt = n_seq - t0 < QV_T ? (int)(n_seq - t0) : QV_T;
-                direct[nt](NULL, rows, r, lanes, x, t0, y, ldy);
+                direct[nt](NULL, rows, r, lanes, x, t0, y, ldy, pf, t0 ? 0 : pf_bytes);
             }
         }
         return;
@@ -433,15 +472,7 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
     for (int64_t g0 = 0; g0 < n_groups; g0 += tile) {
         int64_t g1 = g0 + tile < n_groups ? g0 + tile : n_groups;
         for (int64_t g = g0; g < g1; g++) {
-            /* the next group's rows come from memory while this one is packed
-             * (the packing reads 16 rows side by side, which the hardware
-             * prefetcher follows poorly) */
-            int64_t nr = r0 + (g + 1) * QV_ROWS;
-            if (nr < r1) {
-                const uint8_t *next = w + (size_t)nr * rb;
-                size_t bytes = (size_t)(r1 - nr < QV_ROWS ? r1 - nr : QV_ROWS) * rb;
-                for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)next + o, _MM_HINT_T0);
-            }
+            vnni_prefetch_rows(w, rb, r0 + (g + QV_PREFETCH) * QV_ROWS, r1);
             vnni_group_rows(w, rb, r0 + g * QV_ROWS, r1, rows);
             vnni_pack(type, rows, nb, pk + (size_t)(g - g0) * group_bytes);
         }
@@ -451,7 +482,7 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
                 int64_t r = r0 + g * QV_ROWS;
                 int n = r1 - r < QV_ROWS ? (int)(r1 - r) : QV_ROWS;
                 packed[nt](pk + (size_t)(g - g0) * group_bytes, NULL, r,
-                          (__mmask16)((1u << n) - 1), x, t0, y, ldy);
+                           (__mmask16)((1u << n) - 1), x, t0, y, ldy, NULL, 0);
             }
         }
     }
