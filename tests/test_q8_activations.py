@@ -140,6 +140,41 @@ def test_levels_threads_and_rows_agree(qtype):
         np.testing.assert_array_equal(y, outs[0])
 
 
+@pytest.mark.parametrize("qtype", Q_TYPES)
+def test_odd_scales_levels_agree(qtype):
+    """Subnormal, zero, huge and infinite half scales (and mins): the VNNI
+    kernels widen them with vcvtph2ps, the others through a table; every
+    level must give the same outputs (inf * 0 and inf - inf give NaN)."""
+    rng = np.random.default_rng(5)
+    w = make(rng, qtype, 40, 96)
+    raw = w.data.reshape(40, 3, BLOCK_BYTES[qtype])
+    odd = np.array([0x0001, 0x03FF, 0x8001, 0x0000, 0x7BFF, 0x7C00, 0x0400], np.uint16)
+    for i, h in enumerate(odd):
+        raw[3 * i, i % 3, 0:2] = np.frombuffer(h.tobytes(), np.uint8)
+        if qtype == W.Q4_1:
+            raw[3 * i + 1, (i + 1) % 3, 2:4] = np.frombuffer(h.tobytes(), np.uint8)
+    x = rng.standard_normal((10, 96)).astype(f32)
+    before = K.simd_level()
+    try:
+        outs = []
+        for lv in LEVELS:
+            K.set_simd_level(K.SIMD_LEVELS[lv])
+            y = K.matmul_q8(w, x, n_threads=1)
+            np.testing.assert_array_equal(K.matmul_q8(w, x[:3], n_threads=2), y[:3])
+            outs.append(y)
+    finally:
+        K.set_simd_level(before)
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0])
+    finite = np.isfinite(outs[0])
+    assert finite.sum() > 0.8 * finite.size and (~finite).any()
+    with np.errstate(invalid="ignore", over="ignore"):
+        for r in (0, 9):
+            ref = np_matmul_q8(w, x[r])
+            np.testing.assert_array_equal(np.isfinite(outs[0][r]), np.isfinite(ref))
+            np.testing.assert_array_equal(outs[0][r][np.isfinite(ref)], ref[np.isfinite(ref)])
+
+
 def test_many_pack_tiles_agree():
     """More rows than one packed tile holds (the AVX-512 level packs about
     544 rows of 576 values at a time): every tile, thread share and row
