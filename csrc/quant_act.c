@@ -267,20 +267,20 @@ INLV void vnni_t16x4(const uint8_t *const *src, size_t off, __m512i out[4]) {
 }
 
 /* Block b of 16 rows in lane layout: wv[k] lane i = unsigned values
- * 4k .. 4k+3 of row i (wq + off), dw and mw lane i its scale and min.  Row i
- * starts rofs[i] bytes after rows[0].  The halves are gathered (one 32-bit
- * word per row: the scale, then for Q4_1 the min) and widened by vcvtph2ps,
- * exact like fa_f16_table (a NaN scale may come out with other payload bits,
- * and makes the outputs NaN at every level). */
-INLV void vnni_wblock(int type, const uint8_t *const *rows, __m512i rofs, int64_t b,
-                      __m512i wv[8], __m512 *dw, __m512 *mw) {
+ * 4k .. 4k+3 of row i (wq + off), dw and mw lane i its scale and min.  The
+ * halves are widened by vcvtph2ps, exact like fa_f16_table (a NaN scale may
+ * come out with other payload bits, and makes the outputs NaN at every
+ * level).  16 scalar loads beat vpgatherdd here. */
+INLV void vnni_wblock(int type, const uint8_t *const *rows, int64_t b, __m512i wv[8],
+                      __m512 *dw, __m512 *mw) {
     __m512i t[4];
     const size_t bytes = type == FA_Q8_0   ? FA_Q8_0_BYTES
                          : type == FA_Q4_1 ? FA_Q4_1_BYTES
                                            : FA_Q4_0_BYTES;
     const size_t o = (size_t)b * bytes;
-    __m512i h = _mm512_i32gather_epi32(rofs, (const void *)(rows[0] + o), 1);
-    *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+    uint16_t hd[QV_ROWS], hm[QV_ROWS];
+    for (int i = 0; i < QV_ROWS; i++) hd[i] = fa_read_u16(rows[i] + o);
+    *dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hd));
     if (type == FA_Q8_0) {
         const __m512i flip = _mm512_set1_epi8((char)0x80);
         vnni_t16x4(rows, o + 2, t);
@@ -296,15 +296,10 @@ INLV void vnni_wblock(int type, const uint8_t *const *rows, __m512i rofs, int64_
         wv[k] = _mm512_and_si512(t[k], lo4);
         wv[4 + k] = _mm512_and_si512(_mm512_srli_epi32(t[k], 4), lo4);
     }
-    if (q41) *mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
-}
-
-/* Byte offsets of rows[i] from rows[0] (all rows of one weight, so they fit
- * 32 bits: a group spans at most 16 rows). */
-INLV __m512i vnni_row_offsets(const uint8_t *const *rows) {
-    int32_t o[QV_ROWS];
-    for (int i = 0; i < QV_ROWS; i++) o[i] = (int32_t)(rows[i] - rows[0]);
-    return _mm512_loadu_si512((const void *)o);
+    if (q41) {
+        for (int i = 0; i < QV_ROWS; i++) hm[i] = fa_read_u16(rows[i] + o + 2);
+        *mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hm));
+    }
 }
 
 /* p += the 4 products in each lane of unsigned w and the 4 signed bytes at
@@ -320,7 +315,6 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
                     const uint8_t *const *rows, int64_t r, __mmask16 lanes, const q8_act *x,
                     int64_t t0, const int T, float *y, int64_t ldy, const char *pf,
                     size_t pf_bytes) {
-    const __m512i rofs = direct ? vnni_row_offsets(rows) : _mm512_setzero_si512();
     const int64_t nb = x->nb, n_in = x->n_in;
     const int off = q8_offset(type);
     __m512 acc[QV_T], m[QV_T];
@@ -340,19 +334,31 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
                                                              : FA_Q4_0_BYTES);
             for (size_t o = (size_t)b * step; o < (size_t)(b + 1) * step && o < pf_bytes; o += 64)
                 _mm_prefetch(pf + o, _MM_HINT_T0);
-            vnni_wblock(type, rows, rofs, b, wv, &dw, &mw);
+            vnni_wblock(type, rows, b, wv, &dw, &mw);
         }
-        __m512i p[QV_T];
+        /* with few x rows, two integer sums per row (values 0-15 and 16-31
+         * of the block) halve the chain of dependent vpdpbusd; p is exact
+         * either way */
+        const int split = T <= 2;
+        __m512i p[QV_T], p2[QV_T];
 #pragma GCC unroll 8
-        for (int t = 0; t < T; t++)
+        for (int t = 0; t < T; t++) {
             p[t] = off ? _mm512_set1_epi32(x->bias[(t0 + t) * nb + b]) : _mm512_setzero_si512();
+            p2[t] = _mm512_setzero_si512();
+        }
         const int8_t *xq = x->q + t0 * n_in + b * FA_QK;
 #pragma GCC unroll 8
         for (int k = 0; k < 8; k++) {
             __m512i w = direct ? wv[k] : _mm512_loadu_si512((const void *)(pb + 64 * k));
 #pragma GCC unroll 8
-            for (int t = 0; t < T; t++) VNNI_DPBUSD_X4(p[t], w, xq + t * n_in + 4 * k);
+            for (int t = 0; t < T; t++) {
+                if (split && k >= 4) VNNI_DPBUSD_X4(p2[t], w, xq + t * n_in + 4 * k);
+                else VNNI_DPBUSD_X4(p[t], w, xq + t * n_in + 4 * k);
+            }
         }
+        if (split)
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) p[t] = _mm512_add_epi32(p[t], p2[t]);
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
             const int64_t xb = (t0 + t) * nb + b;
@@ -417,12 +423,11 @@ static inline void vnni_prefetch_rows(const uint8_t *w, size_t rb, int64_t r, in
 
 /* The lane layout of one group, every block, into pk. */
 TVNNI static void vnni_pack(int type, const uint8_t *const *rows, int64_t nb, uint8_t *pk) {
-    const __m512i rofs = vnni_row_offsets(rows);
     for (int64_t b = 0; b < nb; b++) {
         __m512i wv[8];
         uint8_t *pb = pk + b * QV_BLOCK_BYTES;
         __m512 dwv, mwv = _mm512_setzero_ps();
-        vnni_wblock(type, rows, rofs, b, wv, &dwv, &mwv);
+        vnni_wblock(type, rows, b, wv, &dwv, &mwv);
         for (int k = 0; k < 8; k++) _mm512_storeu_si512((void *)(pb + 64 * k), wv[k]);
         _mm512_storeu_ps((float *)(pb + 512), dwv);
         _mm512_storeu_ps((float *)(pb + 576), mwv);
@@ -441,10 +446,6 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
     const vnni_tile_fn *direct = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0_1
                                  : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0_1
                                                    : vnni_tiles_FA_Q4_1_1;
-    if (rb > (size_t)INT32_MAX / QV_ROWS) {  /* row offsets must fit 32 bits */
-        avx2_run(type, w, rb, r0, r1, x, n_seq, y, ldy);
-        return;
-    }
     const int64_t nb = x->nb;
     const size_t group_bytes = (size_t)nb * QV_BLOCK_BYTES;
     const int64_t n_groups = (r1 - r0 + QV_ROWS - 1) / QV_ROWS;
