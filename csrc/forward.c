@@ -177,11 +177,15 @@ int fa_state_init(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chu
     s->ffn_a = alloc_floats(chunk, F, 1, 1);
     s->ffn_b = alloc_floats(chunk, F, 1, 1);
     s->own_rows = chunk < FA_OWN_ROWS ? chunk : FA_OWN_ROWS;
+    s->n_head = m->n_head;
+    s->att_part = alloc_floats(s->own_rows * m->n_head,
+                               (n_ctx + FA_ATT_CHUNK - 1) / FA_ATT_CHUNK,
+                               FA_ATT_PART(m->head_dim), 1);
     if (m->family == FA_LLAMA) {
         s->rope_cs = alloc_floats(chunk, m->head_dim, 1, 1);
     }
     if (!s->k_cache || !s->v_cache || !s->x || !s->xn || !s->q || !s->qkv || !s->att
-        || !s->ffn_a || !s->ffn_b || (m->family == FA_LLAMA && !s->rope_cs)) {
+        || !s->ffn_a || !s->ffn_b || !s->att_part || (m->family == FA_LLAMA && !s->rope_cs)) {
         fa_state_free(s);
         return FA_ERR_NOMEM;
     }
@@ -201,6 +205,7 @@ void fa_state_free(fa_state *s) {
     free(s->ffn_b);
     free(s->att_scratch);
     free(s->xn_own);
+    free(s->att_part);
     free(s->rope_cs);
     memset(s, 0, sizeof(*s));
 }
@@ -471,6 +476,11 @@ static void mlp_act_flat(const fa_model *m, const fa_layer *L, fa_state *s, int6
 
 /* --------------------------------------------------------- the forward */
 
+/* Floats of one thread's own copies: normed rows, attention rows, merge scratch. */
+static int64_t own_floats(const fa_state *s) {
+    return 2 * s->own_rows * s->n_embd + FA_ATT_PART(s->head_dim);
+}
+
 /* One chunk of n tokens at positions pos0 .. pos0 + n - 1, every layer, run by
  * thread tm->ith of tm->nth.  Writes logits rows if want_logits: all n rows into
  * logits [n, n_vocab], or only the last into logits [n_vocab].
@@ -484,7 +494,13 @@ static void mlp_act_flat(const fa_model *m, const fa_layer *L, fa_state *s, int6
  * A decode's norms run on every thread over every row, each into its own
  * copy (xn_own), so no barrier follows them; a longer chunk shares the rows
  * of its norms and waits, since redoing them on every thread would cost more
- * than the barrier. */
+ * than the barrier.  A decode's attention is split over (KV head, chunk of
+ * 64 keys) units, which keeps the threads even whatever the head count (9
+ * heads on 2 threads were 4 against 5) and reads each key once; after the
+ * barrier every thread merges every head's chunk states into its own copy of
+ * the attention rows, which its out product then reads.  A longer chunk
+ * splits attention by (KV head, query) and merges as it goes, with the same
+ * operations (csrc/ops.c), so a prefill and a decode agree bit for bit. */
 static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n,
                           int64_t pos0, float *logits, int want_logits, int all_rows,
                           int more, team *tm) {
@@ -500,7 +516,9 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
     /* normed rows: every thread's own copy of all n rows (nr0 = 0, nr1 = n), or
      * one shared array with this thread's rows (nr0 = t0, nr1 = t1) */
     const int own = n <= s->own_rows;
-    float *xn = own ? s->xn_own + (int64_t)ith * s->own_rows * E : s->xn;
+    float *mine = s->xn_own + ith * own_floats(s);
+    float *xn = own ? mine : s->xn;
+    float *att = own ? mine + s->own_rows * E : s->att;  /* attention rows, all n */
     const int64_t nr0 = own ? 0 : t0, nr1 = own ? n : t1;
     float *y = s->xn;  /* the out and down products, before their residual adds */
 
@@ -541,11 +559,22 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
             heads_shared(m, s, &io, n, ith, nth);
         }
         BARRIER
-        fa_attention(s->q, io.k_cache, io.v_cache, s->att, n, pos0, (int)m->n_head,
-                     (int)m->n_kv_head, (int)m->head_dim, s->n_ctx, s->att_scratch,
-                     ith, nth);                                       /* -> [n, E] */
-        BARRIER
-        fa_matmul_act(m->act, &L->attn_output, s->att, y, n, ith, nth);         /* -> [n, E] */
+        if (own) {
+            /* (query, KV head, key chunk) units, even over the threads; then
+             * every thread merges every head into its own copy */
+            fa_attention_chunks(s->q, io.k_cache, io.v_cache, s->att_part, n, pos0,
+                                (int)m->n_head, (int)m->n_kv_head, (int)m->head_dim,
+                                s->n_ctx, ith, nth);
+            BARRIER
+            fa_attention_merge(s->att_part, att, n, pos0, (int)m->n_head, (int)m->head_dim,
+                               s->n_ctx, 0, (int)m->n_head, att + s->own_rows * E);
+        } else {
+            fa_attention(s->q, io.k_cache, io.v_cache, att, n, pos0, (int)m->n_head,
+                         (int)m->n_kv_head, (int)m->head_dim, s->n_ctx, s->att_scratch,
+                         ith, nth);                                   /* -> [n, E] */
+            BARRIER
+        }
+        fa_matmul_act(m->act, &L->attn_output, att, y, n, ith, nth);            /* -> [n, E] */
         residual_own(m, &L->attn_output, s->x, y, L->attn_output_b, n, ith, nth);
         BARRIER
 
@@ -597,7 +626,8 @@ int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq
     if (!m || !s || !ids || !logits || n_seq <= 0 || !m->layers || !s->k_cache)
         return FA_ERR_ARG;
     if (s->n_layer != m->n_layer || s->n_kv_head != m->n_kv_head
-        || s->head_dim != m->head_dim || s->n_embd != m->n_embd || s->n_ctx > m->n_ctx)
+        || s->head_dim != m->head_dim || s->n_embd != m->n_embd || s->n_ctx > m->n_ctx
+        || s->n_head != m->n_head)
         return FA_ERR_ARG;
     if (m->family == FA_LLAMA && !s->rope_cs) return FA_ERR_ARG;  /* a gpt2 state */
     for (int64_t t = 0; t < n_seq; t++)
@@ -616,7 +646,7 @@ int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq
      * grown when a call brings more threads, never per token */
     if (s->att_threads < n_threads) {
         float *scratch = alloc_floats(n_threads, s->n_ctx, 1, 1);
-        float *own = alloc_floats(n_threads, s->own_rows, s->n_embd, 1);
+        float *own = alloc_floats(n_threads, own_floats(s), 1, 1);
         if (!scratch || !own) {
             free(scratch);
             free(own);

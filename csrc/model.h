@@ -84,8 +84,12 @@ typedef struct {
     float *ffn_a, *ffn_b;      /* [., n_ff] */
     float *att_scratch;        /* [att_threads, n_ctx] */
     int att_threads;
-    float *xn_own;             /* [att_threads][own_rows, n_embd]: each thread's copy of
-                                  the normed rows when a chunk has few tokens */
+    float *xn_own;             /* per thread: [own_rows, n_embd] normed rows, the same
+                                  of attention output, FA_ATT_PART(head_dim) merge
+                                  scratch; the copies of a chunk of few tokens */
+    float *att_part;           /* [own_rows][n_head][chunks of n_ctx][FA_ATT_PART]:
+                                  a decode's attention partial states */
+    int64_t n_head;
     int64_t own_rows;          /* rows each copy holds: min(max_chunk, FA_OWN_ROWS) */
     float *rope_cs;            /* llama: [max_chunk, head_dim / 2, 2] cos and sin of
                                   each position in the chunk */
@@ -95,6 +99,26 @@ typedef struct {
  * row into its own copy instead of sharing the rows and waiting at a barrier
  * (see forward.c). */
 #define FA_OWN_ROWS 4
+
+/* ------------------------------------------- attention split over keys
+ * (csrc/ops.c).  Keys come in chunks of FA_ATT_CHUNK from position 0; each
+ * chunk gives every query head a partial state of FA_ATT_PART(head_dim)
+ * floats: o [head_dim] = sum_t exp(s_t - m) v_t, m = max_t s_t, l = sum_t
+ * exp(s_t - m).  fa_attention merges them in chunk order inside one thread;
+ * a decode spreads the (KV head, chunk) units over the threads instead
+ * (balanced whatever the head count) and merges afterwards, with the same
+ * operations, so both give the same bits.
+ *   part  [n_seq][n_head][ceil(n_ctx / FA_ATT_CHUNK)][FA_ATT_PART(head_dim)] */
+#define FA_ATT_CHUNK 64
+#define FA_ATT_PART(head_dim) ((head_dim) + 2)
+#define FA_ATT_STACK_DIM 256  /* widest head whose group of 8 the stack holds */
+
+void fa_attention_chunks(const float *q, const float *k, const float *v, float *part,
+                         int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
+                         int head_dim, int64_t n_ctx, int ith, int nth);
+void fa_attention_merge(const float *part, float *out, int64_t n_seq, int64_t pos0,
+                        int n_head, int head_dim, int64_t n_ctx, int h0, int h1,
+                        float *acc);
 
 /* Check the model's sizes and pointers; FA_OK or FA_ERR_ARG. */
 int fa_model_check(const fa_model *m);

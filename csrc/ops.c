@@ -6,16 +6,19 @@
  *   k, v    [n_kv_head, n_ctx, head_dim]       one layer's KV cache
  *
  * Every kernel does thread ith's share of nth: whole rows, a contiguous
- * range of values, or whole (head, query) pairs for attention.  A result
+ * range of values, whole (head, query) pairs for attention, or (query, KV
+ * head, key chunk) units for the split attention a decode uses.  A result
  * never depends on nth.  Bad sizes make a kernel return without writing.
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include "fa_internal.h"
+#include "model.h"
 
 /* ---------------------------------------------------------------- norms */
 
@@ -155,87 +158,100 @@ void fa_rope(float *x, int64_t n_seq, int n_head, int head_dim, int64_t pos0,
 
 /* Keys a chunk holds: 64 keys of head_dim 64 are 16 KB of K and 16 KB of V,
  * which stay in L1 while every query head of a KV group uses them. */
-#define ATT_CHUNK 64
+#define ATT_CHUNK FA_ATT_CHUNK
 /* Query heads that share one pass over a KV head's chunks. */
 #define ATT_GROUP 8
-/* Columns of the output one step of the weighted sum holds. */
-#define ATT_COLS 256
 
-/* Attention of query s for the query heads h0 .. h0 + n_h - 1, which all read
- * KV head kh / vh.  Softmax runs online over chunks of keys: each head keeps
- * its running max mx, its running sum l, and its output o scaled to mx; a new
- * chunk with a higher max rescales them by exp(old - new).  Chunks start at
- * multiples of ATT_CHUNK, so a query gives the same numbers in a prefill and
- * in a decode. */
+/* Softmax runs over chunks of keys: each chunk c (keys 64c .. 64c + 63)
+ * gives, per head, a partial state (m_c its max score, l_c = sum exp(s - m_c),
+ * o_c = sum exp(s - m_c) v), and the states are merged in chunk order.
+ * Chunks start at multiples of ATT_CHUNK and every step below is one
+ * compiled function (noinline), so a query gives the same numbers whether
+ * one thread walks all its chunks (attend_group, prefill) or the chunks are
+ * spread over threads and merged afterwards (fa_attention_chunks and
+ * fa_attention_merge, decode). */
+
+/* The partial states of the n_h query heads q [n_h, head_dim] (all reading
+ * one KV head) over the c keys kc, vc [c, head_dim]: head g's state at
+ * part + g * ld is o [head_dim], then m, then l (FA_ATT_PART(head_dim) floats). */
+__attribute__((noinline)) static void chunk_partial(const fa_kernels *kern, const float *q,
+                                                    const float *kc, const float *vc,
+                                                    int64_t c, int n_h, int head_dim,
+                                                    float scale, float *part,
+                                                    int64_t ld) {
+    float score[ATT_GROUP][ATT_CHUNK];
+    float chunk_max[ATT_GROUP];
+    /* every head's scores first: one pass over the K chunk */
+    for (int g = 0; g < n_h; g++)
+        chunk_max[g] = kern->scores(score[g], q + (int64_t)g * head_dim, kc, c, head_dim,
+                                    scale);
+    for (int g = 0; g < n_h; g++) {
+        float *pg = part + g * ld;
+        pg[head_dim] = chunk_max[g];
+        pg[head_dim + 1] = kern->softmax_exp(score[g], c, chunk_max[g]);
+        kern->wsum(pg, score[g], vc, head_dim, c, head_dim);
+    }
+}
+
+/* acc := acc merged with the next chunk's state p (both FA_ATT_PART floats). */
+__attribute__((noinline)) static void merge_partial(float *acc, const float *p,
+                                                    int head_dim) {
+    float m_old = acc[head_dim], m_c = p[head_dim];
+    float m = m_old > m_c ? m_old : m_c;
+    float a = expf(m_old - m), b = expf(m_c - m);
+    for (int i = 0; i < head_dim; i++) acc[i] = acc[i] * a + p[i] * b;
+    acc[head_dim] = m;
+    acc[head_dim + 1] = acc[head_dim + 1] * a + p[head_dim + 1] * b;
+}
+
+/* out [head_dim] = o / l of a merged state. */
+__attribute__((noinline)) static void finish_partial(const float *acc, float *out,
+                                                     int head_dim) {
+    float inv = 1.0f / acc[head_dim + 1];
+    for (int i = 0; i < head_dim; i++) out[i] = acc[i] * inv;
+}
+
+/* Attention of one query for the query heads q [n_h, head_dim], which all
+ * read KV head kh / vh, over its n_t keys; out [n_h, head_dim]. */
 static void attend_group(const fa_kernels *kern, const float *q, const float *kh,
                          const float *vh, float *out, int n_h, int head_dim, int64_t n_t,
-                         float scale) {
-    float score[ATT_GROUP][ATT_CHUNK];
-    float part[ATT_COLS];
-    float mx[ATT_GROUP], l[ATT_GROUP];
-
+                         float scale, float *acc, float *part) {
+    const int64_t np = FA_ATT_PART(head_dim);
     for (int64_t t0 = 0; t0 < n_t; t0 += ATT_CHUNK) {
         int64_t c = n_t - t0 < ATT_CHUNK ? n_t - t0 : ATT_CHUNK;
-        const float *kc = kh + t0 * head_dim, *vc = vh + t0 * head_dim;
-
-        /* scores of this chunk for every head, and their max: one pass over
-         * the K chunk */
-        float chunk_max[ATT_GROUP];
-        for (int g = 0; g < n_h; g++)
-            chunk_max[g] = kern->scores(score[g], q + (int64_t)g * head_dim, kc, c, head_dim,
-                                        scale);
-
-        for (int g = 0; g < n_h; g++) {
-            float *o = out + (int64_t)g * head_dim;
-
-            /* new running max; the factor that rescales what came before */
-            float m = chunk_max[g];
-            float factor = 0.0f;
-            if (t0 > 0) {
-                if (mx[g] > m) m = mx[g];
-                factor = expf(mx[g] - m);
-            }
-            mx[g] = m;
-            float sum = kern->softmax_exp(score[g], c, m);
-            l[g] = t0 > 0 ? l[g] * factor + sum : sum;
-
-            /* o = o * factor + sum_t p_t v_t over the chunk, ATT_COLS at a time */
-            for (int i0 = 0; i0 < head_dim; i0 += ATT_COLS) {
-                int n_i = head_dim - i0 < ATT_COLS ? head_dim - i0 : ATT_COLS;
-                if (t0 == 0) {
-                    kern->wsum(o + i0, score[g], vc + i0, head_dim, c, n_i);
-                } else {
-                    kern->wsum(part, score[g], vc + i0, head_dim, c, n_i);
-                    for (int i = 0; i < n_i; i++) o[i0 + i] = o[i0 + i] * factor + part[i];
-                }
-            }
-        }
+        chunk_partial(kern, q, kh + t0 * head_dim, vh + t0 * head_dim, c, n_h, head_dim,
+                      scale, t0 == 0 ? acc : part, np);
+        if (t0 > 0)
+            for (int g = 0; g < n_h; g++) merge_partial(acc + g * np, part + g * np, head_dim);
     }
+    for (int g = 0; g < n_h; g++)
+        finish_partial(acc + g * np, out + (int64_t)g * head_dim, head_dim);
+}
 
-    /* out = o / l */
-    for (int g = 0; g < n_h; g++) {
-        float inv = 1.0f / l[g];
-        float *o = out + (int64_t)g * head_dim;
-        for (int i = 0; i < head_dim; i++) o[i] *= inv;
-    }
+static int attention_args_ok(const float *q, const float *k, const float *v, int64_t n_seq,
+                             int64_t pos0, int n_head, int n_kv_head, int head_dim,
+                             int64_t n_ctx, int ith, int nth) {
+    return q && k && v && n_seq > 0 && pos0 >= 0 && n_head > 0 && n_kv_head > 0
+           && n_head % n_kv_head == 0 && head_dim > 0 && n_ctx > 0 && pos0 + n_seq <= n_ctx
+           && nth >= 1 && ith >= 0 && ith < nth;
 }
 
 void fa_attention(const float *q, const float *k, const float *v, float *out,
                   int64_t n_seq, int64_t pos0, int n_head, int n_kv_head, int head_dim,
                   int64_t n_ctx, float *scratch, int ith, int nth) {
-    if (!q || !k || !v || !out || !scratch || n_seq <= 0 || pos0 < 0 || n_head <= 0
-        || n_kv_head <= 0 || n_head % n_kv_head || head_dim <= 0 || n_ctx <= 0
-        || pos0 + n_seq > n_ctx || nth < 1 || ith < 0 || ith >= nth)
+    if (!out || !scratch
+        || !attention_args_ok(q, k, v, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx,
+                              ith, nth))
         return;
-    /* scratch is part of the contract but no longer needed: scores live in
-     * a fixed stack buffer per chunk (see attend_group) */
+    /* scratch is part of the contract but no longer needed: scores and
+     * partial states live on the stack, or in malloc'd memory for heads wider
+     * than FA_ATT_STACK_DIM */
     const fa_kernels *kern = fa_kernels_current();
     const int group = n_head / n_kv_head;
 
     /* Query heads per unit of work: up to ATT_GROUP share each pass over the
-     * keys, but fewer when that leaves too few units to balance the threads
-     * (a decode of 9 heads over 3 KV heads on 2 threads).  A head's numbers do
-     * not depend on which heads share its unit. */
+     * keys, but fewer when that leaves too few units to balance the threads.
+     * A head's numbers do not depend on which heads share its unit. */
     int per_unit = group < ATT_GROUP ? group : ATT_GROUP;
     while (per_unit > 1
            && (int64_t)n_kv_head * ((group + per_unit - 1) / per_unit) * n_seq < 4 * nth)
@@ -243,6 +259,19 @@ void fa_attention(const float *q, const float *k, const float *v, float *out,
     const int n_sub = (group + per_unit - 1) / per_unit;  /* units per KV head and query */
     const int64_t row = (int64_t)n_head * head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
+
+    /* two sets of per_unit partial states (merged and next chunk's), on the
+     * stack: fewer heads per unit when heads are wide, and for heads wider
+     * than the stack holds even alone (over 2000 values), malloc */
+    float stack[2 * ATT_GROUP * FA_ATT_PART(FA_ATT_STACK_DIM)];
+    const int64_t fit = (int64_t)(sizeof stack / sizeof *stack) / (2 * FA_ATT_PART(head_dim));
+    if (per_unit > fit && fit >= 1) per_unit = (int)fit;
+    float *states = stack;
+    if (fit < 1) {
+        per_unit = 1;
+        states = malloc(sizeof(float) * 2 * (size_t)FA_ATT_PART(head_dim));
+    }
+    float *acc = states, *part = states + per_unit * FA_ATT_PART(head_dim);
 
     /* this thread's (KV head, subgroup, query) units, KV-head-major */
     int64_t u0, u1;
@@ -255,9 +284,82 @@ void fa_attention(const float *q, const float *k, const float *v, float *out,
         int n_h = kv * group + group - h0 < per_unit ? kv * group + group - h0 : per_unit;
         const float *kh = k + (int64_t)kv * n_ctx * head_dim;
         const float *vh = v + (int64_t)kv * n_ctx * head_dim;
+        if (!states) {  /* no memory for the states: NaN, never a stale output */
+            for (int64_t i = 0; i < (int64_t)n_h * head_dim; i++)
+                out[s * row + (int64_t)h0 * head_dim + i] = NAN;
+            continue;
+        }
         attend_group(kern, q + s * row + (int64_t)h0 * head_dim, kh, vh,
                      out + s * row + (int64_t)h0 * head_dim, n_h, head_dim, pos0 + s + 1,
-                     scale);
+                     scale, acc, part);
+    }
+    if (states && states != stack) free(states);
+}
+
+/* (query, KV head, chunk) units: thread ith's even share of them, each the
+ * partial states of the group's query heads over one chunk of keys. */
+void fa_attention_chunks(const float *q, const float *k, const float *v, float *part,
+                         int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
+                         int head_dim, int64_t n_ctx, int ith, int nth) {
+    if (!part
+        || !attention_args_ok(q, k, v, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx,
+                              ith, nth))
+        return;
+    const fa_kernels *kern = fa_kernels_current();
+    const int group = n_head / n_kv_head;
+    const int64_t row = (int64_t)n_head * head_dim, np = FA_ATT_PART(head_dim);
+    const int64_t max_chunks = (n_ctx + ATT_CHUNK - 1) / ATT_CHUNK;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+
+    /* units of query s: n_kv_head * chunks(s); queries one after the other */
+    int64_t total = 0;
+    for (int64_t s = 0; s < n_seq; s++)
+        total += n_kv_head * ((pos0 + s + ATT_CHUNK) / ATT_CHUNK);
+    int64_t u0, u1;
+    fa_share(total, ith, nth, &u0, &u1);
+
+    int64_t base = 0;
+    for (int64_t s = 0; s < n_seq && base < u1; s++) {
+        const int64_t n_t = pos0 + s + 1, n_c = (n_t + ATT_CHUNK - 1) / ATT_CHUNK;
+        const int64_t units = n_kv_head * n_c;
+        for (int64_t u = u0 > base ? u0 - base : 0; u < units && base + u < u1; u++) {
+            int kv = (int)(u / n_c);
+            int64_t c = u % n_c, t0 = c * ATT_CHUNK;
+            int64_t len = n_t - t0 < ATT_CHUNK ? n_t - t0 : ATT_CHUNK;
+            int h0 = kv * group;
+            for (int g0 = 0; g0 < group; g0 += ATT_GROUP) {
+                int n_h = group - g0 < ATT_GROUP ? group - g0 : ATT_GROUP;
+                const int64_t at = kv * n_ctx * head_dim + t0 * head_dim;
+                chunk_partial(kern, q + s * row + (int64_t)(h0 + g0) * head_dim, k + at,
+                              v + at, len, n_h, head_dim, scale,
+                              part + ((s * n_head + h0 + g0) * max_chunks + c) * np,
+                              max_chunks * np);
+            }
+        }
+        base += units;
+    }
+}
+
+/* out [n_seq, n_head * head_dim] for the heads [h0, h1) of every query
+ * from the partial states fa_attention_chunks left, merged in chunk order as
+ * attend_group does; part is only read, so every thread may merge the same
+ * heads into its own out.  acc: FA_ATT_PART(head_dim) floats of scratch. */
+void fa_attention_merge(const float *part, float *out, int64_t n_seq, int64_t pos0,
+                        int n_head, int head_dim, int64_t n_ctx, int h0, int h1,
+                        float *acc) {
+    if (!part || !out || !acc || n_seq <= 0 || pos0 < 0 || n_head <= 0 || head_dim <= 0
+        || pos0 + n_seq > n_ctx || h0 < 0 || h1 > n_head)
+        return;
+    const int64_t row = (int64_t)n_head * head_dim, np = FA_ATT_PART(head_dim);
+    const int64_t max_chunks = (n_ctx + ATT_CHUNK - 1) / ATT_CHUNK;
+    for (int64_t s = 0; s < n_seq; s++) {
+        const int64_t n_c = (pos0 + s + ATT_CHUNK) / ATT_CHUNK;
+        for (int h = h0; h < h1; h++) {
+            const float *ph = part + (s * n_head + h) * max_chunks * np;
+            memcpy(acc, ph, sizeof(float) * (size_t)np);
+            for (int64_t c = 1; c < n_c; c++) merge_partial(acc, ph + c * np, head_dim);
+            finish_partial(acc, out + s * row + (int64_t)h * head_dim, head_dim);
+        }
     }
 }
 

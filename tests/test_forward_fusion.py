@@ -97,3 +97,22 @@ def test_q8_activations_decode_is_exact_at_every_thread_count(name):
         model.prefill(state, ids[:6])
         for t in range(6, 20):
             np.testing.assert_array_equal(model.decode(state, int(ids[t])), one[t])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decode_over_many_key_chunks_equals_one_forward(family):
+    """Past 64 positions a decode's attention is split over key chunks of 64
+    (spread over the threads, merged afterwards); a prefill walks the chunks
+    in one thread.  Both must give the same bits, across chunk boundaries."""
+    over = dict(n_embd=48, n_head=6, n_kv_head=2 if family == "llama" else 6, n_layer=2,
+                n_ff=64, n_ctx=200)
+    config = random_config(family, **over)
+    model = Transformer(config, random_weights(config, F32, seed=9), n_threads=1)
+    ids = random_ids(config, 170, seed=3)
+    full = model.forward(ids)
+    for n_threads in (1, 2, 3):
+        model.n_threads = n_threads
+        state = model.new_state()
+        np.testing.assert_array_equal(model.prefill(state, ids[:61]), full[60])
+        for t in range(61, 170):
+            np.testing.assert_array_equal(model.decode(state, int(ids[t])), full[t])
