@@ -30,10 +30,16 @@
  * which is the nibble itself; Q8_0: off 128) and the sum starts from
  * -off * sum_j q[32 b + j]: the same exact integer p[b].
  * For a prefill (8 or more x rows) each thread first packs a tile of its
- * rows into that lane layout (the packing is then read once per 8 x rows);
- * for fewer x rows the kernel builds the same registers from the rows as it
- * goes (a 16 x 4 transpose of 32-bit words per 16 bytes).  Either way each
- * y element sees the same operations, whatever n_seq, ith and nth are.
+ * rows (up to 384 KiB, kept in L2) into that lane layout, then passes every
+ * group of 8 x rows over it: per block and 16 rows, 64 vpdpbusd (x's bytes as
+ * broadcast memory operands) and 8 x 4 float operations (8 x 6 for Q4_1),
+ * near the rate of the multiply ports on Zen 4.  For fewer x rows (decode),
+ * or when the packing buffer cannot be allocated, packing is skipped: it would
+ * cost more than it saves, and the kernel builds the same registers from the
+ * rows as it goes (a 16 x 4 transpose of 32-bit words per 16 bytes) and
+ * prefetches the rows two groups ahead: 16 rows read side by side are a
+ * pattern the hardware prefetcher follows poorly.  Either way each y element
+ * sees the same operations, whatever n_seq, ith and nth are.
  *
  * Threads: every thread quantizes the whole of x for itself instead of
  * sharing one copy, which would need a barrier between quantizing and
@@ -41,11 +47,14 @@
  * depends neither on the thread count nor on n_seq: prefill and decode give
  * bit-identical products.
  *
- * Known shortcomings: the x quantization is done by both threads (duplicate
- * work, a few percent of a prefill); the AVX2 level works one row and one x
- * row at a time, adding each block's 8 partial sums horizontally, and
- * quantizes x with the generic C code; packing for a prefill costs a pass
- * over the thread's rows per call (negligible at 512 tokens, not below ~8).
+ * Known shortcomings: both threads quantize the whole of x (duplicate work,
+ * about 5% of a 2-thread prefill; sharing it needs a barrier or the engine
+ * quantizing once per layer); the packing for a prefill is redone on every
+ * call (about 4% of a prefill; a packed copy kept with the weights would
+ * remove it); the decode path spends as much on the transpose as on the
+ * products (about 28 GMAC/s per core for Q4_1 in cache); the AVX2 level
+ * works one row and one x row at a time, adding each block's 8 partial sums
+ * horizontally, and quantizes x with the generic C code.
  */
 #pragma GCC optimize("fp-contract=off")
 
