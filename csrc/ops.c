@@ -273,11 +273,19 @@ void fa_attention(const float *q, const float *k, const float *v, float *out,
     }
     float *acc = states, *part = states + per_unit * FA_ATT_PART(head_dim);
 
-    /* this thread's (KV head, subgroup, query) units, KV-head-major */
-    int64_t u0, u1;
-    fa_share((int64_t)n_kv_head * n_sub * n_seq, ith, nth, &u0, &u1);
-    for (int64_t u = u0; u < u1; u++) {
+    /* this thread's (KV head, subgroup, query) units, KV-head-major: a
+     * contiguous run of them holding its share of the keys to walk (query s
+     * walks pos0 + s + 1 of them), since even counts of causal units are
+     * uneven work (the later queries of a prefill walk the most keys) */
+    const int64_t n_units = (int64_t)n_kv_head * n_sub * n_seq;
+    const __int128 total =
+        (__int128)n_kv_head * n_sub * ((__int128)n_seq * pos0 + (__int128)n_seq * (n_seq + 1) / 2);
+    __int128 done = 0;  /* keys of the units before u */
+    for (int64_t u = 0; u < n_units; u++) {
         int64_t s = u % n_seq;
+        __int128 before = done;
+        done += pos0 + s + 1;
+        if (before * nth / total != ith) continue;
         int sub = (int)(u / n_seq);
         int kv = sub / n_sub;
         int h0 = kv * group + (sub % n_sub) * per_unit;
