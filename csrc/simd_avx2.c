@@ -343,44 +343,6 @@ const fa_kernels fa_kernels_avx2 = {
 
 #else  /* not x86-64 with GCC-style intrinsics: never selected by dispatch.c */
 
-/* ---------------------------------------------------------- activations */
-
-INL __m256 swiglu8(__m256 z, __m256 u) {
-    __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), z));
-    return _mm256_mul_ps(_mm256_div_ps(z, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
-}
-
-T256 static void avx2_swiglu(float *gate, const float *up, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(gate + i, swiglu8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i)));
-    if (i < n) {
-        __m256i m = tail_mask(n - i);
-        __m256 y = swiglu8(_mm256_maskload_ps(gate + i, m), _mm256_maskload_ps(up + i, m));
-        _mm256_maskstore_ps(gate + i, m, y);
-    }
-}
-
-/* tanh(u) = 1 - 2 / (1 + exp(2u)), which saturates to +-1 correctly. */
-INL __m256 gelu8(__m256 v) {
-    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
-    __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
-                             _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v),
-                                             _mm256_mul_ps(v, v), v));
-    __m256 e = exp256(_mm256_mul_ps(two, u));
-    __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, e)));
-    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(one, th));
-}
-
-T256 static void avx2_gelu(float *x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i)));
-    if (i < n) {
-        __m256i m = tail_mask(n - i);
-        _mm256_maskstore_ps(x + i, m, gelu8(_mm256_maskload_ps(x + i, m)));
-    }
-}
-
 const fa_kernels fa_kernels_avx2 = {0};
 
 #endif

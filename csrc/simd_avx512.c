@@ -343,34 +343,6 @@ const fa_kernels fa_kernels_avx512 = {
 
 #else  /* not x86-64 with GCC-style intrinsics: the generic kernels stand in */
 
-/* ---------------------------------------------------------- activations */
-
-T512 static void avx512_swiglu(float *gate, const float *up, int64_t n) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = tail_mask(n - i);
-        __m512 z = _mm512_maskz_loadu_ps(m, gate + i);
-        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), z));
-        __m512 silu = _mm512_div_ps(z, _mm512_add_ps(one, e));
-        _mm512_mask_storeu_ps(gate + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
-    }
-}
-
-/* tanh(u) = 1 - 2 / (1 + exp(2u)), which saturates to +-1 correctly. */
-T512 static void avx512_gelu(float *x, int64_t n) {
-    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
-    const __m512 c = _mm512_set1_ps(0.7978845608028654f), a = _mm512_set1_ps(0.044715f);
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = tail_mask(n - i);
-        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-        __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, v), _mm512_mul_ps(v, v), v));
-        __m512 e = exp512(_mm512_mul_ps(two, u));
-        __m512 th = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, e)));
-        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, th));
-        _mm512_mask_storeu_ps(x + i, m, y);
-    }
-}
-
 const fa_kernels fa_kernels_avx512 = {0};
 
 #endif
