@@ -33,6 +33,11 @@ import sys
 import tempfile
 import time
 
+# Importing fastattn sets OMP_WAIT_POLICY for this process (when unset); the
+# peers run in children and must get the environment as the user had it:
+# llama.cpp's OpenMP build slows down badly with a passive wait policy.
+USER_ENV = dict(os.environ)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
@@ -145,7 +150,7 @@ def cache_dir_for(model_path):
 
 
 def child_env(threads):
-    env = dict(os.environ)
+    env = dict(USER_ENV)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                 "NUMEXPR_NUM_THREADS"):
         env[var] = str(threads)

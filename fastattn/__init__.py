@@ -6,13 +6,31 @@
 """
 import os
 
-# The compiled core opens one OpenMP region per forward call.  Between calls
-# (while Python samples the next token) libgomp's idle threads spin by
-# default, which on a machine with other work steals the core the next call
-# needs: a 2-thread decode on a busy 2-core machine ran at 58 tok/s with the
-# default policy and 75 tok/s with passive.  Set before the core is loaded,
-# and only if the user has not chosen.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _load_core_with_passive_openmp():
+    """Load the compiled core with libgomp's OMP_WAIT_POLICY=PASSIVE, unless
+    the user chose a policy.
+
+    The core opens one OpenMP region per forward call.  Between calls (while
+    Python samples the next token) libgomp's idle threads spin by default,
+    which on a machine with other work steals the core the next call needs: a
+    2-thread decode on a busy 2-core machine ran at 58 tok/s with the default
+    policy and 75 with passive.  libgomp reads the variable once, when it is
+    loaded, so it is set only around that load and then removed: child
+    processes (another OpenMP program, say llama.cpp, which needs spinning
+    threads) still see the environment as the user left it."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        from . import _engine, _kernels  # noqa: F401
+    except ImportError:  # a source tree without the build: loaded (or not) later
+        pass
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
+_load_core_with_passive_openmp()
 
 from .config import ModelConfig  # noqa: E402
 from .errors import (ContextOverflowError, DownloadError, FastAttnError, ModelFileError,
