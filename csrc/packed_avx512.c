@@ -213,13 +213,30 @@ INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t 
     default: break;                                                                    \
     }
 
+/* The float types have no block partial sums, so their prefill tile can be
+ * 4 panels x 6 tokens (24 accumulators). */
+#define FLOAT_SHAPES(CALL)                                                             \
+    switch (np * 8 + nt) {                                                             \
+    case 3 * 8 + 2: CALL(3, 2); break;                                                 \
+    case 3 * 8 + 3: CALL(3, 3); break;                                                 \
+    case 3 * 8 + 4: CALL(3, 4); break;                                                 \
+    case 3 * 8 + 5: CALL(3, 5); break;                                                 \
+    case 3 * 8 + 6: CALL(3, 6); break;                                                 \
+    case 4 * 8 + 2: CALL(4, 2); break;                                                 \
+    case 4 * 8 + 3: CALL(4, 3); break;                                                 \
+    case 4 * 8 + 4: CALL(4, 4); break;                                                 \
+    case 4 * 8 + 5: CALL(4, 5); break;                                                 \
+    case 4 * 8 + 6: CALL(4, 6); break;                                                 \
+    default: SHAPES(CALL)                                                              \
+    }
+
 #define FLOAT_RUN(name, TYPE)                                                          \
     static T512 void name(const uint8_t *w, size_t pb, int np, const float *x,         \
                           int64_t ldx, int nt, int64_t n_in, float *y, int64_t ldy,    \
                           int64_t rows) {                                              \
         _Pragma("GCC diagnostic push")                                                 \
         _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                    \
-        SHAPES(FLOAT_CALL)                                                             \
+        FLOAT_SHAPES(FLOAT_CALL)                                                       \
         _Pragma("GCC diagnostic pop")                                                  \
     }
 #define FLOAT_CALL(NP, NT) float_tile(TYPE_, w, pb, NP, x, ldx, NT, n_in, y, ldy, rows)
@@ -316,16 +333,42 @@ static T512 void decode_tile(int type, const uint8_t *w, size_t pb, int np, int6
     }
 }
 
-/* A prefill over n_panels panels and n_tok tokens: each pair of panels is
- * decoded to floats once and then multiplied with every token, instead of
- * decoding it again for each group of 6 tokens.  The same products as
- * block_tile from the packed bytes, bit for bit.  Returns 0 (and does
- * nothing) for the float types or when the tile buffer cannot be allocated. */
+static void avx512_run(int type, const uint8_t *w, size_t pb, int np, const float *x,
+                       int64_t ldx, const float *sx, int64_t ldsx, int nt, int64_t n_in,
+                       float *y, int64_t ldy, int64_t rows) {
+    switch (type) {
+    case FA_F32: run_f32(w, pb, np, x, ldx, nt, n_in, y, ldy, rows); break;
+    case FA_F16: run_f16(w, pb, np, x, ldx, nt, n_in, y, ldy, rows); break;
+    case FA_BF16: run_bf16(w, pb, np, x, ldx, nt, n_in, y, ldy, rows); break;
+    case FA_Q8_0: run_q8_0(w, pb, np, x, ldx, sx, ldsx, nt, n_in, y, ldy, rows); break;
+    case FA_Q4_0: run_q4_0(w, pb, np, x, ldx, sx, ldsx, nt, n_in, y, ldy, rows); break;
+    case FA_Q4_1: run_q4_1(w, pb, np, x, ldx, sx, ldsx, nt, n_in, y, ldy, rows); break;
+    default: break;
+    }
+}
+
+/* A prefill over n_panels panels and n_tok tokens.  Float types: tiles of
+ * 4 panels x 6 tokens.  Block types: each pair of panels is decoded to floats
+ * once and then multiplied with every token, instead of decoding it again for
+ * each group of 6 tokens.  The same products as block_tile from the packed
+ * bytes, bit for bit.  Returns 0 (and does nothing) when the tile buffer
+ * cannot be allocated. */
 static int avx512_prefill(int type, const uint8_t *w, size_t pb, int64_t n_panels,
                           const float *x, int64_t ldx, const float *sx, int64_t ldsx,
                           int64_t n_tok, int64_t n_in, float *y, int64_t ldy, int64_t rows) {
     typedef void (*decoded_fn)(const float *, int, const float *, int64_t, const float *,
                                int64_t, int, int64_t, float *, int64_t, int64_t);
+    if (type == FA_F32 || type == FA_F16 || type == FA_BF16) {
+        for (int64_t p = 0; p < n_panels; p += 4) {
+            const int np = n_panels - p < 4 ? (int)(n_panels - p) : 4;
+            for (int64_t t = 0; t < n_tok; t += 6) {
+                const int nt = n_tok - t < 6 ? (int)(n_tok - t) : 6;
+                avx512_run(type, w + p * pb, pb, np, x + t * ldx, ldx, NULL, 0, nt, n_in,
+                           y + t * ldy + p * FA_PANEL, ldy, rows - p * FA_PANEL);
+            }
+        }
+        return 1;
+    }
     decoded_fn run = type == FA_Q8_0 ? decoded_q8_0
                      : type == FA_Q4_0 ? decoded_q4_0
                      : type == FA_Q4_1 ? decoded_q4_1
@@ -348,19 +391,6 @@ static int avx512_prefill(int type, const uint8_t *w, size_t pb, int64_t n_panel
     return 1;
 }
 
-static void avx512_run(int type, const uint8_t *w, size_t pb, int np, const float *x,
-                       int64_t ldx, const float *sx, int64_t ldsx, int nt, int64_t n_in,
-                       float *y, int64_t ldy, int64_t rows) {
-    switch (type) {
-    case FA_F32: run_f32(w, pb, np, x, ldx, nt, n_in, y, ldy, rows); break;
-    case FA_F16: run_f16(w, pb, np, x, ldx, nt, n_in, y, ldy, rows); break;
-    case FA_BF16: run_bf16(w, pb, np, x, ldx, nt, n_in, y, ldy, rows); break;
-    case FA_Q8_0: run_q8_0(w, pb, np, x, ldx, sx, ldsx, nt, n_in, y, ldy, rows); break;
-    case FA_Q4_0: run_q4_0(w, pb, np, x, ldx, sx, ldsx, nt, n_in, y, ldy, rows); break;
-    case FA_Q4_1: run_q4_1(w, pb, np, x, ldx, sx, ldsx, nt, n_in, y, ldy, rows); break;
-    default: break;
-    }
-}
 
 const fa_panel_kernels fa_panel_kernels_avx512 = {
     avx512_run, avx512_prefill, 4, 2, 6,
