@@ -13,6 +13,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 c_sources = sorted(glob.glob("csrc/*.c"))
+c_headers = sorted(glob.glob("csrc/*.h"))
 compile_args = ["-O3", "-std=gnu11", "-fopenmp", "-fno-strict-aliasing", "-Wall",
                 "-Wno-unused-function", "-Wno-unknown-pragmas"]
 link_args = ["-fopenmp"]
@@ -29,6 +30,7 @@ def extension(name, pyx, with_c=True):
     return Extension(
         name,
         sources=[pyx] + (c_sources if with_c else []),
+        depends=c_headers if with_c else [],  # a header edit rebuilds the module
         include_dirs=["csrc", np.get_include()],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
