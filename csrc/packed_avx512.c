@@ -120,20 +120,19 @@ INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t 
                     _mm_prefetch((const char *)(blk + p * pb + 2 * bb + off), _MM_HINT_T0);
         }
         if (type == FA_Q8_0) {
-            /* byte j of each lane to a float: shift it to the top, then an
-             * arithmetic shift back down sign-extends it */
+            /* byte j of each lane to a float: a load 3 - j bytes early puts
+             * it in the top byte of its lane (the bytes below belong to the
+             * lane before, or to the block's scales, and are shifted out),
+             * and an arithmetic shift down sign-extends it */
             _Pragma("GCC unroll 8")
             for (int g = 0; g < 8; g++) {
-                __m512i v[4];
-                _Pragma("GCC unroll 8")
-                for (int p = 0; p < NP; p++)
-                    v[p] = _mm512_loadu_si512((const void *)(blk + p * pb + 32 + 64 * g));
                 _Pragma("GCC unroll 8")
                 for (int j = 0; j < 4; j++) {
                     __m512 q[4];
                     _Pragma("GCC unroll 8")
                     for (int p = 0; p < NP; p++) {
-                        __m512i u = j == 3 ? v[p] : _mm512_slli_epi32(v[p], 24 - 8 * j);
+                        __m512i u = _mm512_loadu_si512(
+                            (const void *)(blk + p * pb + 32 + 64 * g + j - 3));
                         q[p] = _mm512_cvtepi32_ps(_mm512_srai_epi32(u, 24));
                     }
                     _Pragma("GCC unroll 8")
