@@ -34,6 +34,20 @@ typedef struct {
     /* activations over n values, as fa_swiglu and fa_gelu define them */
     void (*swiglu)(float *gate, const float *up, int64_t n);
     void (*gelu)(float *x, int64_t n);
+    /* Attention's scores and wsum steps for nr query rows over one block of keys, each key
+     * and value row loaded once for several query rows.  Row r has its own
+     * key count n_t[r] (rows of later queries see more keys) and gets exactly
+     * the numbers scores / wsum give it alone:
+     * scores_rows: score[r * lds + t] for t < n_t[r] of query row qrow[r],
+     *              mx[r] its max; reads keys below max_r n_t[r], and may write
+ *              a row's scores up to n_t[r] rounded up to 4 (lds leaves room)
+     * wsum_rows:   out[r * ldo + i] = sum_t p[r * ldp + t] v[t * ldv + i], t < n_t[r]
+     * NULL at a level that has none: ops.c then calls scores / wsum per row. */
+    void (*scores_rows)(float *score, int64_t lds, const float *const *qrow, int nr,
+                        const float *k, const int64_t *n_t, int64_t n, float scale,
+                        float *mx);
+    void (*wsum_rows)(float *out, int64_t ldo, const float *p, int64_t ldp, int nr,
+                      const float *v, int64_t ldv, const int64_t *n_t, int64_t n);
 } fa_kernels;
 
 extern const fa_kernels fa_kernels_generic;

@@ -268,6 +268,135 @@ T512 static void avx512_wsum(float *out, const float *p, const float *v, int64_t
     }
 }
 
+/* avx512_scores for R query rows at once (R a constant after inlining):
+ * each group of four keys is loaded once and feeds every row's own four
+ * accumulators, so row r's scores are avx512_scores' numbers.  Keys run to
+ * the largest count n_hi; a row whose count ends inside a group takes, in
+ * the lanes past its end, its last key's score (what avx512_scores' repeated
+ * key gives), so its max is taken over the same values in the same order. */
+INL void scores_rows_r(float *score, int64_t lds, const float *const *qrow, const int R,
+                       const float *k, const int64_t *n_t, int64_t n, float scale,
+                       float *mx) {
+    const __m128 vscale = _mm_set1_ps(scale);
+    int64_t n_hi = 0;
+    for (int r = 0; r < R; r++) n_hi = n_t[r] > n_hi ? n_t[r] : n_hi;
+    __m128 vmax[6];
+    for (int r = 0; r < R; r++) vmax[r] = _mm_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n_hi; t += 4) {
+        const float *k0 = k + t * n;
+        const float *k1 = k + (t + 1 < n_hi ? t + 1 : n_hi - 1) * n;
+        const float *k2 = k + (t + 2 < n_hi ? t + 2 : n_hi - 1) * n;
+        const float *k3 = k + (t + 3 < n_hi ? t + 3 : n_hi - 1) * n;
+        __m512 a[6][4];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4; j++) a[r][j] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = tail_mask(n - i);
+            __m512 kv0 = _mm512_maskz_loadu_ps(m, k0 + i), kv1 = _mm512_maskz_loadu_ps(m, k1 + i);
+            __m512 kv2 = _mm512_maskz_loadu_ps(m, k2 + i), kv3 = _mm512_maskz_loadu_ps(m, k3 + i);
+            for (int r = 0; r < R; r++) {
+                __m512 qv = _mm512_maskz_loadu_ps(m, qrow[r] + i);
+                a[r][0] = _mm512_fmadd_ps(qv, kv0, a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(qv, kv1, a[r][1]);
+                a[r][2] = _mm512_fmadd_ps(qv, kv2, a[r][2]);
+                a[r][3] = _mm512_fmadd_ps(qv, kv3, a[r][3]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            int64_t left = n_t[r] - t;
+            if (left <= 0) continue;
+            __m128 sc = _mm_mul_ps(vscale, hsum_x4(a[r][0], a[r][1], a[r][2], a[r][3]));
+            if (left < 4) {  /* lanes past the row's last key repeat it */
+                __m128i last = _mm_set1_epi32((int)left - 1);
+                __m128i idx = _mm_min_epi32(_mm_setr_epi32(0, 1, 2, 3), last);
+                sc = _mm_permutevar_ps(sc, idx);
+            }
+            vmax[r] = _mm_max_ps(vmax[r], sc);
+            _mm_storeu_ps(score + r * lds + t, sc);  /* rows hold ATT_CHUNK-padded space */
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m128 v = vmax[r];
+        v = _mm_max_ps(v, _mm_movehl_ps(v, v));
+        v = _mm_max_ss(v, _mm_movehdup_ps(v));
+        mx[r] = _mm_cvtss_f32(v);
+    }
+}
+
+T512 static void avx512_scores_rows(float *score, int64_t lds, const float *const *qrow,
+                                    int nr, const float *k, const int64_t *n_t, int64_t n,
+                                    float scale, float *mx) {
+    int r = 0;
+    for (; r + 6 <= nr; r += 6)
+        scores_rows_r(score + r * lds, lds, qrow + r, 6, k, n_t + r, n, scale, mx + r);
+    switch (nr - r) {
+    case 5: scores_rows_r(score + r * lds, lds, qrow + r, 5, k, n_t + r, n, scale, mx + r); break;
+    case 4: scores_rows_r(score + r * lds, lds, qrow + r, 4, k, n_t + r, n, scale, mx + r); break;
+    case 3: scores_rows_r(score + r * lds, lds, qrow + r, 3, k, n_t + r, n, scale, mx + r); break;
+    case 2: scores_rows_r(score + r * lds, lds, qrow + r, 2, k, n_t + r, n, scale, mx + r); break;
+    case 1: scores_rows_r(score + r * lds, lds, qrow + r, 1, k, n_t + r, n, scale, mx + r); break;
+    default: break;
+    }
+}
+
+/* avx512_wsum for R rows at once: each value row is loaded once and feeds
+ * every row's even/odd accumulators.  A row stops at its own key count; its
+ * odd last key goes to the even accumulators, as in avx512_wsum. */
+INL void wsum_rows_r(float *out, int64_t ldo, const float *p, int64_t ldp, const int R,
+                     const float *v, int64_t ldv, const int64_t *n_t, int64_t n) {
+    int64_t n_lo = n_t[0], n_hi = n_t[0];
+    for (int r = 1; r < R; r++) {
+        n_lo = n_t[r] < n_lo ? n_t[r] : n_lo;
+        n_hi = n_t[r] > n_hi ? n_t[r] : n_hi;
+    }
+    for (int64_t i0 = 0; i0 < n; i0 += 64) {
+        __mmask16 m[4];
+        for (int j = 0; j < 4; j++) m[j] = tail_mask(n - i0 - 16 * j);
+        __m512 a[3][2][4];
+        for (int r = 0; r < R; r++)
+            for (int e = 0; e < 2; e++)
+                for (int j = 0; j < 4; j++) a[r][e][j] = _mm512_setzero_ps();
+        int64_t t = 0;
+        for (; t + 2 <= n_lo; t += 2) {
+            for (int e = 0; e < 2; e++) {
+                const float *vt = v + (t + e) * ldv + i0;
+                __m512 vv[4];
+                for (int j = 0; j < 4; j++) vv[j] = _mm512_maskz_loadu_ps(m[j], vt + 16 * j);
+                for (int r = 0; r < R; r++) {
+                    __m512 pt = _mm512_set1_ps(p[r * ldp + t + e]);
+                    for (int j = 0; j < 4; j++) a[r][e][j] = _mm512_fmadd_ps(pt, vv[j], a[r][e][j]);
+                }
+            }
+        }
+        for (; t < n_hi; t += 2) {  /* past the shortest row: each row to its own end */
+            for (int e = 0; e < 2 && t + e < n_hi; e++) {
+                const float *vt = v + (t + e) * ldv + i0;
+                __m512 vv[4];
+                for (int j = 0; j < 4; j++) vv[j] = _mm512_maskz_loadu_ps(m[j], vt + 16 * j);
+                for (int r = 0; r < R; r++) {
+                    if (t + e >= n_t[r]) continue;
+                    __m512 pt = _mm512_set1_ps(p[r * ldp + t + e]);
+                    for (int j = 0; j < 4; j++) a[r][e][j] = _mm512_fmadd_ps(pt, vv[j], a[r][e][j]);
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4; j++)
+                _mm512_mask_storeu_ps(out + r * ldo + i0 + 16 * j, m[j],
+                                      _mm512_add_ps(a[r][0][j], a[r][1][j]));
+    }
+}
+
+T512 static void avx512_wsum_rows(float *out, int64_t ldo, const float *p, int64_t ldp,
+                                  int nr, const float *v, int64_t ldv, const int64_t *n_t,
+                                  int64_t n) {
+    int r = 0;
+    for (; r + 3 <= nr; r += 3)
+        wsum_rows_r(out + r * ldo, ldo, p + r * ldp, ldp, 3, v, ldv, n_t + r, n);
+    if (nr - r == 2) wsum_rows_r(out + r * ldo, ldo, p + r * ldp, ldp, 2, v, ldv, n_t + r, n);
+    if (nr - r == 1) wsum_rows_r(out + r * ldo, ldo, p + r * ldp, ldp, 1, v, ldv, n_t + r, n);
+}
+
 /* exp(x): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial
  * (Cephes' expf coefficients), times 2^n by scalef, which underflows to 0
  * and overflows to inf gracefully.  Within 2 ulp of expf. */
@@ -339,6 +468,7 @@ const fa_kernels fa_kernels_avx512 = {
     avx512_dot_q8_0, avx512_dot_q4_0, avx512_dot_q4_1,
     4, avx512_scores, avx512_wsum, avx512_softmax_exp,
     avx512_swiglu, avx512_gelu,
+    avx512_scores_rows, avx512_wsum_rows,
 };
 
 #else  /* not x86-64 with GCC-style intrinsics: the generic kernels stand in */
