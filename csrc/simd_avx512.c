@@ -13,12 +13,13 @@
  * Each x row has its own accumulators, so a kernel applying a weight row to
  * nr x rows computes every row exactly as it would alone.
  *
- * Known limit: with float32 activations a Q4_1 block costs about 14 vector
- * slots (index expansion, two table lookups, the table itself, two FMAs), so
- * a decode GEMV runs at about 11 GB/s of weights per Zen 4 core, below what
- * memory delivers (about 30 GB/s per core).  Going past it needs integer
- * activations (VNNI dot products on int8-quantized x), which changes the
- * numbers and would have to be a named, measured option.
+ * A model built at this level does not run these dot products: it repacks
+ * its matrices into 16-row panels and uses packed_avx512.c, which is faster
+ * for every type (a Q4_1 decode GEMV from cache: about 17 here, 28 GMAC/s
+ * there, per Zen 4 core).  These kernels serve weights used as the file
+ * stores them (fastattn._kernels.matmul, and any weight the packer refuses).
+ * Known limit: a Q4_1 block costs about 14 vector slots here (index
+ * expansion, two table lookups, the table itself, two FMAs).
  */
 #include <math.h>
 
