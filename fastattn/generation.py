@@ -41,8 +41,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import (ContextOverflowError, FastAttnError, ModelFileError, TokenizerError,
-                     UnsupportedError)
+from .errors import (ContextOverflowError, FastAttnError, ModelFileError,
+                     OutOfMemoryError, TokenizerError, UnsupportedError)
 from .model import MAX_CHUNK
 from .sampling import Sampler
 
@@ -370,9 +370,20 @@ class Model:
             from .download import default_model_path
             model = default_model_path()
         loaded = load_model_files(model)
-        transformer = Transformer(loaded.config, loaded.weights, n_threads=n_threads,
-                                  activations=activations)
-        tokenizer = Tokenizer.from_loaded(loaded.tokenizer)
+        try:
+            transformer = Transformer(loaded.config, loaded.weights, n_threads=n_threads,
+                                      activations=activations)
+            tokenizer = Tokenizer.from_loaded(loaded.tokenizer)
+        except OutOfMemoryError:
+            raise
+        except MemoryError:
+            # out here the half-built model's memory is free again: say what it needs
+            mapped = sum(w.data.nbytes for w in loaded.weights.values())
+            raise OutOfMemoryError(
+                f"{model}: out of memory while building the model: its weights take "
+                f"{mapped} bytes ({mapped / 2**20:.1f} MiB) mapped from the file, and "
+                f"the engine keeps a repacked copy of its matrices (up to as much again)"
+            ) from None
         load_s = time.perf_counter() - start
 
         from .weights import type_name
