@@ -59,14 +59,44 @@ INL void float_tile(const int type, const uint8_t *w, size_t pb, const int NP,
         for (int t = 0; t < NT; t++) store_rows(y + t * ldy + 16 * p, acc[p][t], rows - 16 * p);
 }
 
+/* One column of a block: a[p][t] = q[p] * x[t][col] for the block's first
+ * column, a[p][t] += q[p] * x[t][col] (fused) for the others. */
+INL void column_step(const int NP, const int NT, __m512 a[4][6], const __m512 q[4],
+                     const float *x, int64_t ldx, int64_t col, const int first) {
+    _Pragma("GCC unroll 8")
+    for (int t = 0; t < NT; t++) {
+        __m512 xv = _mm512_set1_ps(x[t * ldx + col]);
+        _Pragma("GCC unroll 8")
+        for (int p = 0; p < NP; p++)
+            a[p][t] = first ? _mm512_mul_ps(q[p], xv) : _mm512_fmadd_ps(q[p], xv, a[p][t]);
+    }
+}
+
+/* The end of block b: acc += d a, then (Q4_1) acc += m sx[b]. */
+INL void block_scale(const int type, const int NP, const int NT, __m512 acc[4][6],
+                     __m512 a[4][6], const __m512 d[4], const __m512 m[4],
+                     const float *sx, int64_t ldsx, int64_t b) {
+    _Pragma("GCC unroll 8")
+    for (int p = 0; p < NP; p++) {
+        _Pragma("GCC unroll 8")
+        for (int t = 0; t < NT; t++) acc[p][t] = _mm512_fmadd_ps(d[p], a[p][t], acc[p][t]);
+        if (type == FA_Q4_1) {
+            _Pragma("GCC unroll 8")
+            for (int t = 0; t < NT; t++)
+                acc[p][t] = _mm512_fmadd_ps(m[p], _mm512_set1_ps(sx[t * ldsx + b]), acc[p][t]);
+        }
+    }
+}
+
 /* The block types.  decoded == 0: the weights are decoded in registers from
  * the packed bytes w.  decoded == 1: qt holds the same panels already
  * decoded by decode_tile below (floats, layout there) and w is not read.
  * decoded is a compile-time constant at every call, so each instance keeps
  * only its own branch (and its accumulators in registers). */
 INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t pb,
-                    const float *qt, const int NP, const float *x, int64_t ldx, const float *sx, int64_t ldsx,
-                    const int NT, int64_t n_in, float *y, int64_t ldy, int64_t rows) {
+                    const float *qt, const int NP, const float *x, int64_t ldx,
+                    const float *sx, int64_t ldsx, const int NT, int64_t n_in, float *y,
+                    int64_t ldy, int64_t rows) {
     const size_t bb = type == FA_Q8_0 ? 544 : type == FA_Q4_0 ? 288 : 320;
     const size_t qoff = type == FA_Q4_1 ? 64 : 32;
     const __m512 table = type == FA_Q4_0
@@ -81,35 +111,23 @@ INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t 
     for (int64_t b = 0; b < n_in / FA_QK; b++) {
         const uint8_t *blk = w + (size_t)b * bb;
         const float *xb = x + b * FA_QK;
-        __m512 a[4][6];
+        __m512 a[4][6], q[4], d[4], m[4];
         if (decoded) {
             const float *qb = qt + b * FA_QK * NP * 16;
             _Pragma("GCC unroll 8")
             for (int j = 0; j < FA_QK; j++) {
                 _Pragma("GCC unroll 8")
-                for (int t = 0; t < NT; t++) {
-                    __m512 xv = _mm512_set1_ps(xb[t * ldx + j]);
-                    _Pragma("GCC unroll 8")
-                    for (int p = 0; p < NP; p++) {
-                        __m512 q = _mm512_loadu_ps(qb + (j * NP + p) * 16);
-                        a[p][t] = j == 0 ? _mm512_mul_ps(q, xv) : _mm512_fmadd_ps(q, xv, a[p][t]);
-                    }
-                }
+                for (int p = 0; p < NP; p++) q[p] = _mm512_loadu_ps(qb + (j * NP + p) * 16);
+                column_step(NP, NT, a, q, xb, ldx, j, j == 0);
             }
             const float *db = qt + (n_in / FA_QK) * FA_QK * NP * 16 + b * 2 * NP * 16;
             _Pragma("GCC unroll 8")
             for (int p = 0; p < NP; p++) {
-                __m512 d = _mm512_loadu_ps(db + p * 16);
-                _Pragma("GCC unroll 8")
-                for (int t = 0; t < NT; t++) acc[p][t] = _mm512_fmadd_ps(d, a[p][t], acc[p][t]);
-                if (type == FA_Q4_1) {
-                    __m512 m = _mm512_loadu_ps(db + (NP + p) * 16);
-                    _Pragma("GCC unroll 8")
-                    for (int t = 0; t < NT; t++)
-                        acc[p][t] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[t * ldsx + b]),
-                                                    acc[p][t]);
-                }
+                d[p] = _mm512_loadu_ps(db + p * 16);
+                m[p] = type == FA_Q4_1 ? _mm512_loadu_ps(db + (NP + p) * 16)
+                                       : _mm512_setzero_ps();
             }
+            block_scale(type, NP, NT, acc, a, d, m, sx, ldsx, b);
             continue;
         }
         if (NT == 1) {
@@ -128,21 +146,13 @@ INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t 
             for (int g = 0; g < 8; g++) {
                 _Pragma("GCC unroll 8")
                 for (int j = 0; j < 4; j++) {
-                    __m512 q[4];
                     _Pragma("GCC unroll 8")
                     for (int p = 0; p < NP; p++) {
                         __m512i u = _mm512_loadu_si512(
                             (const void *)(blk + p * pb + 32 + 64 * g + j - 3));
                         q[p] = _mm512_cvtepi32_ps(_mm512_srai_epi32(u, 24));
                     }
-                    _Pragma("GCC unroll 8")
-                    for (int t = 0; t < NT; t++) {
-                        __m512 xv = _mm512_set1_ps(xb[t * ldx + 4 * g + j]);
-                        _Pragma("GCC unroll 8")
-                        for (int p = 0; p < NP; p++)
-                            a[p][t] = g == 0 && j == 0 ? _mm512_mul_ps(q[p], xv)
-                                                       : _mm512_fmadd_ps(q[p], xv, a[p][t]);
-                    }
+                    column_step(NP, NT, a, q, xb, ldx, 4 * g + j, g == 0 && j == 0);
                 }
             }
         } else {
@@ -154,36 +164,24 @@ INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t 
                     nib[p] = _mm512_loadu_si512((const void *)(blk + p * pb + qoff + 64 * g));
                 _Pragma("GCC unroll 8")
                 for (int j = 0; j < 8; j++) {
-                    __m512 q[4];
                     _Pragma("GCC unroll 8")
                     for (int p = 0; p < NP; p++) {
                         q[p] = _mm512_permutexvar_ps(nib[p], table);
                         nib[p] = _mm512_srli_epi32(nib[p], 4);
                     }
-                    _Pragma("GCC unroll 8")
-                    for (int t = 0; t < NT; t++) {
-                        __m512 xv = _mm512_set1_ps(xb[t * ldx + 8 * g + j]);
-                        _Pragma("GCC unroll 8")
-                        for (int p = 0; p < NP; p++)
-                            a[p][t] = g == 0 && j == 0 ? _mm512_mul_ps(q[p], xv)
-                                                       : _mm512_fmadd_ps(q[p], xv, a[p][t]);
-                    }
+                    column_step(NP, NT, a, q, xb, ldx, 8 * g + j, g == 0 && j == 0);
                 }
             }
         }
         _Pragma("GCC unroll 8")
         for (int p = 0; p < NP; p++) {
             const uint8_t *bp = blk + p * pb;
-            __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)bp));
-            _Pragma("GCC unroll 8")
-            for (int t = 0; t < NT; t++) acc[p][t] = _mm512_fmadd_ps(d, a[p][t], acc[p][t]);
-            if (type == FA_Q4_1) {
-                __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 32)));
-                _Pragma("GCC unroll 8")
-                for (int t = 0; t < NT; t++)
-                    acc[p][t] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[t * ldsx + b]), acc[p][t]);
-            }
+            d[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)bp));
+            m[p] = type == FA_Q4_1
+                ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 32)))
+                : _mm512_setzero_ps();
         }
+        block_scale(type, NP, NT, acc, a, d, m, sx, ldsx, b);
     }
     _Pragma("GCC unroll 8")
     for (int p = 0; p < NP; p++)
