@@ -206,6 +206,24 @@ def row_bytes(qtype, n_in):
                         _as_int(n_in, "n_in", -(1 << 62), 1 << 62))
 
 
+cdef _product(_Weight wt, x, n_threads, int act):
+    """y = x W^T through fa_parallel_matmul_act(act, ...), x [n_seq, n_in] or [n_in]."""
+    cdef int nt = _threads(n_threads)
+    squeeze = isinstance(x, np.ndarray) and x.ndim == 1
+    cdef cnp.ndarray xa = _f32(x[None, :] if squeeze else x, "x", 2)
+    if xa.shape[1] != wt.w.n_in:
+        raise ValueError(f"x: has {xa.shape[1]} columns, {wt.name} has n_in = {wt.w.n_in}")
+    if xa.shape[0] < 1:
+        raise ValueError("x: needs at least one row (n_seq >= 1)")
+    cdef int64_t n_seq = xa.shape[0]
+    cdef cnp.ndarray y = np.empty((n_seq, wt.w.n_out), dtype=np.float32)
+    cdef const float *px = <const float *>cnp.PyArray_DATA(xa)
+    cdef float *py = <float *>cnp.PyArray_DATA(y)
+    with nogil:
+        fa_parallel_matmul_act(act, &wt.w, px, py, n_seq, nt)
+    return y[0] if squeeze else y
+
+
 def matmul(w, x, n_threads=None, packed=False):
     """y = x W^T.  w: WeightTensor or (data, qtype, (n_out, n_in));
     x [n_seq, n_in] (or [n_in]) float32 -> y [n_seq, n_out] (or [n_out]).
@@ -218,20 +236,7 @@ def matmul(w, x, n_threads=None, packed=False):
         wt = _Weight(w)
         if packed:
             wt.pack()
-    cdef int nt = _threads(n_threads)
-    squeeze = isinstance(x, np.ndarray) and x.ndim == 1
-    cdef cnp.ndarray xa = _f32(x[None, :] if squeeze else x, "x", 2)
-    if xa.shape[1] != wt.w.n_in:
-        raise ValueError(f"x: has {xa.shape[1]} columns, {wt.name} has n_in = {wt.w.n_in}")
-    if xa.shape[0] < 1:
-        raise ValueError("x: needs at least one row (n_seq >= 1)")
-    cdef int64_t n_seq = xa.shape[0]
-    cdef cnp.ndarray y = np.empty((n_seq, wt.w.n_out), dtype=np.float32)
-    cdef const float *px = <const float *>cnp.PyArray_DATA(xa)
-    cdef float *py = <float *>cnp.PyArray_DATA(y)
-    with nogil:
-        fa_parallel_matmul(&wt.w, px, py, n_seq, nt)
-    return y[0] if squeeze else y
+    return _product(wt, x, n_threads, 0)
 
 
 def matmul_q8(w, x, n_threads=None):
@@ -241,20 +246,7 @@ def matmul_q8(w, x, n_threads=None):
     if not fa_act_q8_supports(wt.w.type):
         raise ValueError(f"{wt.name}: q8 activations take Q4_0, Q4_1 or Q8_0 weights, "
                          f"got {type_name(wt.w.type)}")
-    cdef int nt = _threads(n_threads)
-    squeeze = isinstance(x, np.ndarray) and x.ndim == 1
-    cdef cnp.ndarray xa = _f32(x[None, :] if squeeze else x, "x", 2)
-    if xa.shape[1] != wt.w.n_in:
-        raise ValueError(f"x: has {xa.shape[1]} columns, {wt.name} has n_in = {wt.w.n_in}")
-    if xa.shape[0] < 1:
-        raise ValueError("x: needs at least one row (n_seq >= 1)")
-    cdef int64_t n_seq = xa.shape[0]
-    cdef cnp.ndarray y = np.empty((n_seq, wt.w.n_out), dtype=np.float32)
-    cdef const float *px = <const float *>cnp.PyArray_DATA(xa)
-    cdef float *py = <float *>cnp.PyArray_DATA(y)
-    with nogil:
-        fa_parallel_matmul_act(1, &wt.w, px, py, n_seq, nt)
-    return y[0] if squeeze else y
+    return _product(wt, x, n_threads, 1)
 
 
 def quantize_act_q8(x):
