@@ -190,23 +190,22 @@ INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t 
 }
 
 /* One function per type, switching to a tile shape fixed at compile time so
- * the accumulator arrays live in registers. */
+ * the accumulator arrays live in registers: NP panels x NT tokens, for NT of
+ * 2 to 6 (a prefill) or 1 (a decode, up to 4 panels). */
+#define PREFILL_CASES(CALL, NP)                                                        \
+    case NP * 8 + 2: CALL(NP, 2); break;                                               \
+    case NP * 8 + 3: CALL(NP, 3); break;                                               \
+    case NP * 8 + 4: CALL(NP, 4); break;                                               \
+    case NP * 8 + 5: CALL(NP, 5); break;                                               \
+    case NP * 8 + 6: CALL(NP, 6); break;
 #define SHAPES(CALL)                                                                   \
     switch (np * 8 + nt) {                                                             \
     case 1 * 8 + 1: CALL(1, 1); break;                                                 \
     case 2 * 8 + 1: CALL(2, 1); break;                                                 \
     case 3 * 8 + 1: CALL(3, 1); break;                                                 \
     case 4 * 8 + 1: CALL(4, 1); break;                                                 \
-    case 1 * 8 + 2: CALL(1, 2); break;                                                 \
-    case 1 * 8 + 3: CALL(1, 3); break;                                                 \
-    case 1 * 8 + 4: CALL(1, 4); break;                                                 \
-    case 1 * 8 + 5: CALL(1, 5); break;                                                 \
-    case 1 * 8 + 6: CALL(1, 6); break;                                                 \
-    case 2 * 8 + 2: CALL(2, 2); break;                                                 \
-    case 2 * 8 + 3: CALL(2, 3); break;                                                 \
-    case 2 * 8 + 4: CALL(2, 4); break;                                                 \
-    case 2 * 8 + 5: CALL(2, 5); break;                                                 \
-    case 2 * 8 + 6: CALL(2, 6); break;                                                 \
+    PREFILL_CASES(CALL, 1)                                                             \
+    PREFILL_CASES(CALL, 2)                                                             \
     default: break;                                                                    \
     }
 
@@ -214,16 +213,8 @@ INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t 
  * 4 panels x 6 tokens (24 accumulators). */
 #define FLOAT_SHAPES(CALL)                                                             \
     switch (np * 8 + nt) {                                                             \
-    case 3 * 8 + 2: CALL(3, 2); break;                                                 \
-    case 3 * 8 + 3: CALL(3, 3); break;                                                 \
-    case 3 * 8 + 4: CALL(3, 4); break;                                                 \
-    case 3 * 8 + 5: CALL(3, 5); break;                                                 \
-    case 3 * 8 + 6: CALL(3, 6); break;                                                 \
-    case 4 * 8 + 2: CALL(4, 2); break;                                                 \
-    case 4 * 8 + 3: CALL(4, 3); break;                                                 \
-    case 4 * 8 + 4: CALL(4, 4); break;                                                 \
-    case 4 * 8 + 5: CALL(4, 5); break;                                                 \
-    case 4 * 8 + 6: CALL(4, 6); break;                                                 \
+    PREFILL_CASES(CALL, 3)                                                             \
+    PREFILL_CASES(CALL, 4)                                                             \
     default: SHAPES(CALL)                                                              \
     }
 
