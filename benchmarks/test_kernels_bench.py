@@ -11,7 +11,8 @@ Rates (GB/s, GFLOP/s) are computed from the best round.
 Levels: set FASTATTN_SIMD, or see the `level` parameter of the GEMV benchmarks.
 Layouts: `file` is the weight as the file stores it, `packed` the 16-row
 panels a Model repacks it into at load (csrc/packed.c), which is what the
-engine runs.
+engine runs; for the q8 cases, `packed` is the q8 kernels' copy a q8-mode
+Model makes (csrc/quant_act.c).
 """
 import os
 
@@ -91,27 +92,39 @@ def test_gemv(benchmark, level, qtype, n_out, n_in, layout):
 Q8_TYPES = [W.Q8_0, W.Q4_0, W.Q4_1]
 
 
+def laid_out_q8(w, layout):
+    """`packed` is the q8 kernels' copy a q8-mode Model makes at load."""
+    return K.PackedQ8(w) if layout == "packed" else w
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=W.type_name)
 @pytest.mark.parametrize("n_out,n_in", [(576, 1536), (1536, 576), (49152, 576)])
-def test_gemv_q8(benchmark, level, qtype, n_out, n_in):
-    """The opt-in "q8 activations" product (csrc/quant_act.c), not exact."""
+def test_gemv_q8(benchmark, level, qtype, n_out, n_in, layout):
+    """The opt-in "q8 activations" product (csrc/quant_act.c), not exact.
+    Also reports GMAC/s per thread (multiply-adds a second, over N_THREADS)."""
     w = random_weight(qtype, n_out, n_in)
     x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
-    benchmark(K.matmul_q8, w, x, N_THREADS)
+    benchmark(K.matmul_q8, laid_out_q8(w, layout), x, N_THREADS)
     report(benchmark, w.data.nbytes,
-           f"gemv q8-act {W.type_name(qtype)} {n_out}x{n_in} {level} x{N_THREADS}")
+           f"gemv q8-act {W.type_name(qtype)} {n_out}x{n_in} {layout} {level} x{N_THREADS}")
+    if best_time(benchmark):
+        gmac = n_out * n_in / best_time(benchmark) / 1e9 / N_THREADS
+        benchmark.extra_info["GMAC/s per thread"] = round(gmac, 1)
+        print(f"  = {gmac:.1f} GMAC/s per thread")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=W.type_name)
-def test_gemm_prefill_q8(benchmark, qtype):
+def test_gemm_prefill_q8(benchmark, qtype, layout):
     """512 rows through a 1536x576 weight with q8 activations."""
     w = random_weight(qtype, 1536, 576)
     x = np.random.default_rng(1).standard_normal((512, 576)).astype(np.float32)
-    benchmark(K.matmul_q8, w, x, N_THREADS)
+    benchmark(K.matmul_q8, laid_out_q8(w, layout), x, N_THREADS)
     if best_time(benchmark) is None:
         return
     benchmark.extra_info["GFLOP/s"] = round(2 * 512 * 1536 * 576 / best_time(benchmark) / 1e9, 1)
-    print(f"\ngemm q8-act {W.type_name(qtype)} 512x1536x576 {K.simd_name()}: "
+    print(f"\ngemm q8-act {W.type_name(qtype)} 512x1536x576 {layout} {K.simd_name()}: "
           f"{benchmark.extra_info['GFLOP/s']} GFLOP/s")
 
 
@@ -170,6 +183,25 @@ def smollm2_matrices():
 @pytest.fixture(scope="module")
 def model_weights():
     return [random_weight(t, o, i, seed=n) for n, (o, i, t) in enumerate(smollm2_matrices())]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_model_pass_q8(benchmark, level, model_weights, layout):
+    """The same pass with q8 activations: `packed` is what a q8-mode Model runs.
+    One call per matrix, each opening its own OpenMP region (a decode step
+    opens one for all), so with 2 threads the waking of threads weighs in."""
+    xs = {n: np.random.default_rng(n).standard_normal((1, n)).astype(np.float32)
+          for n in (576, 1536)}
+    weights = [(laid_out_q8(w, layout), w.n_in) for w in model_weights]
+
+    def one_pass():
+        for w, n_in in weights:
+            K.matmul_q8(w, xs[n_in], N_THREADS)
+
+    benchmark(one_pass)
+    nbytes = sum(w.data.nbytes for w in model_weights)
+    report(benchmark, nbytes,
+           f"model pass q8-act {nbytes / 1e6:.0f} MB {layout} {level} x{N_THREADS}")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -36,7 +36,10 @@ enum fa_type {
 /* A weight in its file's storage form: n_out rows of row_bytes each.
  * packed, when not NULL, is the same matrix repacked by fa_pack_weight for the
  * panel kernels (csrc/packed.c); fa_matmul then reads it instead of data.
- * Whoever builds a fa_weight sets packed to NULL or to a filled buffer. */
+ * packed_q8, when not NULL, is the copy fa_q8_pack_weight makes for the q8
+ * activation kernels (csrc/quant_act.c), which then read it instead of data.
+ * Whoever builds a fa_weight sets packed and packed_q8 to NULL or to a filled
+ * buffer. */
 typedef struct {
     const void *data;
     int type;          /* enum fa_type */
@@ -44,6 +47,7 @@ typedef struct {
     int64_t n_in;
     size_t row_bytes;  /* == fa_row_bytes(type, n_in) */
     const void *packed;
+    const void *packed_q8;
 } fa_weight;
 
 /* Bytes one row of n_in values takes in `type`; 0 if the type is unknown or
@@ -153,5 +157,16 @@ void fa_parallel_matmul_act(int act, const fa_weight *w, const float *x, float *
 /* x [n] -> q [n] int8, d [n / 32] scales, s [n / 32] = d * sum of the block's q;
  * n a positive multiple of 32. */
 void fa_quantize_act_q8(const float *x, int64_t n, int8_t *q, float *d, float *s);
+
+/* The q8 kernels' packed copy of a Q4_0, Q4_1 or Q8_0 weight (16 rows side by
+ * side, the same bytes as the file rearranged), made once at load; products
+ * with it are bit-identical to those without.  fa_q8_packed_bytes: bytes of
+ * the copy, 0 if w cannot be packed (another type, inconsistent sizes).
+ * fa_q8_pack_weight: fill dst (dst_bytes >= fa_q8_packed_bytes(w)); 0, or -1
+ * on bad arguments.  fa_q8_pack_wanted: 1 if the q8 kernels of the SIMD level
+ * now in use read such a copy (AVX-512 VNNI), else 0. */
+size_t fa_q8_packed_bytes(const fa_weight *w);
+int fa_q8_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes);
+int fa_q8_pack_wanted(int type);
 
 #endif

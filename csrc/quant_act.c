@@ -29,17 +29,31 @@
  * unsigned weights, so signed ones are stored as u = wq + off (Q4_0: off 8,
  * which is the nibble itself; Q8_0: off 128) and the sum starts from
  * -off * sum_j q[32 b + j]: the same exact integer p[b].
- * For a prefill (8 or more x rows) each thread first packs a tile of its
- * rows (up to 384 KiB, kept in L2) into that lane layout, then passes every
- * group of 8 x rows over it: per block and 16 rows, 64 vpdpbusd (x's bytes as
- * broadcast memory operands) and 8 x 4 float operations (8 x 6 for Q4_1),
- * near the rate of the multiply ports on Zen 4.  For fewer x rows (decode),
- * or when the packing buffer cannot be allocated, packing is skipped: it would
- * cost more than it saves, and the kernel builds the same registers from the
- * rows as it goes (a 16 x 4 transpose of 32-bit words per 16 bytes) and
- * prefetches the rows two groups ahead: 16 rows read side by side are a
- * pattern the hardware prefetcher follows poorly.  Either way each y element
- * sees the same operations, whatever n_seq, ith and nth are.
+ * A model in q8 mode keeps a packed copy of each Q4_0, Q4_1 and Q8_0 weight
+ * in that lane layout, made once at load (fa_q8_pack_weight; the layout is
+ * described above qp_pack_groups).  It holds the file's bytes rearranged, 4-bit
+ * values still packed two to a byte and scales still halves, so a decode
+ * streams no more bytes than the file holds, and each thread's rows are one
+ * sequential region.  Per block and 16 rows the kernel loads 4 vectors (Q8_0:
+ * 8), splits the nibbles with an and, a shift and an and, and runs 8 vpdpbusd
+ * per x row with x's bytes as broadcast memory operands, and prefetches the
+ * bytes 16 KiB ahead of its reads.  A decode is then bound by memory: on one
+ * core about 117 GMAC/s for Q4_1 from L2 and 22-24 GB/s from DRAM (what a
+ * plain read loop gets on this machine); in a SmolLM2 decode the two kernels'
+ * time splits as the bytes of their weights do.  The copy costs memory: a
+ * second copy of those weights (96 MB for SmolLM2), and about 0.1 s at load.
+ * A prefill (8 or more x rows) passes every group of 8 x rows over a tile of
+ * groups kept in L2, splitting the nibbles again on each pass; it runs as
+ * fast as the former per-call tiles of expanded bytes did (Q4_1, 512 rows
+ * through 1536 x 576 on one core: 146-148 against 137-150 GMAC/s), bound by
+ * the float multiplies sharing the vector ports with vpdpbusd.
+ * A weight without the copy (kernel tests, a model built without it) gives
+ * the same numbers by other ways: for a prefill each thread packs a tile of
+ * its rows (up to 384 KiB) into the same layout per call; for a decode, or
+ * when that buffer cannot be allocated, the kernel builds the registers from
+ * the rows as it goes (a 16 x 4 transpose of 32-bit words per 16 bytes) and
+ * prefetches the rows two groups ahead.  Either way each y element sees the
+ * same operations, whatever n_seq, ith, nth and the layout are.
  *
  * Threads: every thread quantizes the whole of x for itself instead of
  * sharing one copy, which would need a barrier between quantizing and
@@ -49,10 +63,11 @@
  *
  * Known shortcomings: both threads quantize the whole of x (duplicate work,
  * about 5% of a 2-thread prefill; sharing it needs a barrier or the engine
- * quantizing once per layer); the packing for a prefill is redone on every
- * call (about 4% of a prefill; a packed copy kept with the weights would
- * remove it); the decode path spends as much on the transpose as on the
- * products (about 28 GMAC/s per core for Q4_1 in cache); the AVX2 level
+ * quantizing once per layer); a thread whose share of rows starts or ends
+ * inside a group of 16 computes that group whole and stores part of it
+ * (fa_matmul_share splits rows evenly, not by groups); without the packed
+ * copy a prefill repacks its rows on every call (about 4% of a prefill) and
+ * a decode spends as much on the transpose as on the products; the AVX2 level
  * works one row and one x row at a time, adding each block's 8 partial sums
  * horizontally, and quantizes x with the generic C code.
  */
@@ -78,13 +93,96 @@ typedef struct {
 /* Rounds one row of nb blocks; bias (may be NULL) gets -off * each block's sum. */
 typedef void (*q8_quant_fn)(const float *x, int64_t nb, int8_t *q, float *d, float *s,
                             int32_t *bias, int off);
-/* y[t * ldy + r] for rows r0 <= r < r1 of w and all n_seq rows of x. */
-typedef void (*q8_run_fn)(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
-                          const q8_act *x, int64_t n_seq, float *y, int64_t ldy);
+/* y[t * ldy + r] for rows r0 <= r < r1 of w and all n_seq rows of x.  pk is w's
+ * packed copy (fa_q8_pack_weight) or NULL; kernels that cannot use it read w. */
+typedef void (*q8_run_fn)(int type, const uint8_t *w, size_t rb, const uint8_t *pk,
+                          int64_t r0, int64_t r1, const q8_act *x, int64_t n_seq, float *y,
+                          int64_t ldy);
 
 /* What vpdpbusd-style kernels add to a signed weight to make it unsigned. */
 static int q8_offset(int type) {
     return type == FA_Q8_0 ? 128 : type == FA_Q4_0 ? 8 : 0;
+}
+
+/* ------------------------------------------------------- packed copy */
+
+/* The copy a model keeps of each Q4_0, Q4_1 and Q8_0 weight for the VNNI
+ * kernels (fa_q8_pack_weight): 16 rows side by side, so that one 512-bit load
+ * gives 4 values of each of 16 rows and nothing is transposed per call.
+ * Group g holds rows 16 g .. 16 g + 15 (rows past n_out are zero); groups
+ * follow each other, so a thread's share of the rows is one sequential
+ * region.  Inside a group of nb blocks, each part block after block:
+ *   quants [nb][nv][16][4 bytes]  lane i of vector k: bytes 4k .. 4k+3 of row
+ *          i's block.  Q4_0 / Q4_1: nv = 4 over the file's 16 nibble bytes, so
+ *          w & 15 are values 4k .. 4k+3 and (w >> 4) & 15 values 16+4k ..
+ *          16+4k+3.  Q8_0: nv = 8 over the 32 values, each + 128 (unsigned,
+ *          as vpdpbusd takes them).
+ *   scales [nb][16] half          the file's d of each row
+ *   mins   [nb][16] half          Q4_1 only, the file's m
+ * then zeros up to a multiple of 64 bytes, so every quant vector of a 64-byte
+ * aligned copy is aligned.  The copy holds the file's bytes rearranged: a
+ * decode streams no more than the file holds. */
+#define QP_ROWS 16
+
+/* Bytes of one block's quants in a group. */
+static size_t qp_quant_bytes(int type) {
+    return type == FA_Q8_0 ? 8 * 64 : 4 * 64;
+}
+
+/* Bytes of one group of nb blocks, padded to 64. */
+static size_t qp_group_bytes(int type, int64_t nb) {
+    size_t per_block = qp_quant_bytes(type) + (type == FA_Q4_1 ? 64 : 32);
+    return ((size_t)nb * per_block + 63) & ~(size_t)63;
+}
+
+/* Groups [g0, g1) of w's packed copy, group g0 at dst. */
+static void qp_pack_groups(const fa_weight *w, int64_t g0, int64_t g1, uint8_t *dst) {
+    const int type = w->type;
+    const int64_t nb = w->n_in / FA_QK;
+    const size_t rb = w->row_bytes, qb = qp_quant_bytes(type);
+    const size_t gb = qp_group_bytes(type, nb);
+    const size_t block = type == FA_Q8_0   ? FA_Q8_0_BYTES
+                         : type == FA_Q4_1 ? FA_Q4_1_BYTES
+                                           : FA_Q4_0_BYTES;
+    const size_t qoff = type == FA_Q4_1 ? 4 : 2;
+    const int nv = (int)(qb / 64);
+    for (int64_t g = g0; g < g1; g++) {
+        uint8_t *pg = dst + (size_t)(g - g0) * gb;
+        uint8_t *scales = pg + (size_t)nb * qb, *mins = scales + (size_t)nb * 32;
+        memset(pg, 0, gb);
+        for (int i = 0; i < QP_ROWS && g * QP_ROWS + i < w->n_out; i++) {
+            const uint8_t *row = (const uint8_t *)w->data + (size_t)(g * QP_ROWS + i) * rb;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = row + (size_t)b * block;
+                memcpy(scales + 32 * b + 2 * i, blk, 2);
+                if (type == FA_Q4_1) memcpy(mins + 32 * b + 2 * i, blk + 2, 2);
+                for (int k = 0; k < nv; k++) {
+                    uint8_t *o = pg + (size_t)b * qb + 64 * k + 4 * i;
+                    memcpy(o, blk + qoff + 4 * k, 4);
+                    if (type == FA_Q8_0)
+                        for (int j = 0; j < 4; j++) o[j] ^= 0x80;
+                }
+            }
+        }
+    }
+}
+
+size_t fa_q8_packed_bytes(const fa_weight *w) {
+    if (!w || !w->data || !fa_act_q8_supports(w->type) || w->n_out <= 0 || w->n_in <= 0)
+        return 0;
+    size_t rb = fa_row_bytes(w->type, w->n_in);
+    if (rb == 0 || rb != w->row_bytes) return 0;
+    const size_t gb = qp_group_bytes(w->type, w->n_in / FA_QK);
+    const uint64_t n_groups = ((uint64_t)w->n_out + QP_ROWS - 1) / QP_ROWS;
+    if (n_groups > SIZE_MAX / gb) return 0;
+    return (size_t)n_groups * gb;
+}
+
+int fa_q8_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes) {
+    size_t n = fa_q8_packed_bytes(w);
+    if (n == 0 || !dst || dst_bytes < n) return -1;
+    qp_pack_groups(w, 0, (w->n_out + QP_ROWS - 1) / QP_ROWS, (uint8_t *)dst);
+    return 0;
 }
 
 /* ------------------------------------------------------------- generic */
@@ -137,8 +235,10 @@ static inline void generic_wblock(int type, const uint8_t *w, int64_t b, int8_t 
 /* Up to Q8_CHUNK x rows share each decoded weight block. */
 #define Q8_CHUNK 8
 
-static void generic_run(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
-                        const q8_act *x, int64_t n_seq, float *y, int64_t ldy) {
+static void generic_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk,
+                        int64_t r0, int64_t r1, const q8_act *x, int64_t n_seq, float *y,
+                        int64_t ldy) {
+    (void)pk;  /* the packed copy is laid out for the VNNI kernels */
     const int64_t nb = x->nb, n_in = x->n_in;
     int8_t v[FA_QK];
     for (int64_t r = r0; r < r1; r++) {
@@ -241,8 +341,10 @@ INL2 void avx2_run_type(int type, const uint8_t *w, size_t rb, int64_t r0, int64
     }
 }
 
-TAVX2 static void avx2_run(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
-                           const q8_act *x, int64_t n_seq, float *y, int64_t ldy) {
+TAVX2 static void avx2_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk,
+                           int64_t r0, int64_t r1, const q8_act *x, int64_t n_seq, float *y,
+                           int64_t ldy) {
+    (void)pk;  /* the packed copy is laid out for the VNNI kernels */
     if (type == FA_Q8_0) avx2_run_type(FA_Q8_0, w, rb, r0, r1, x, n_seq, y, ldy);
     else if (type == FA_Q4_0) avx2_run_type(FA_Q4_0, w, rb, r0, r1, x, n_seq, y, ldy);
     else avx2_run_type(FA_Q4_1, w, rb, r0, r1, x, n_seq, y, ldy);
@@ -250,11 +352,9 @@ TAVX2 static void avx2_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
 
 /* -------------------------------------------------------- AVX-512 VNNI */
 
-/* Rows per lane group, x rows per tile, packed bytes per block of a group:
- * 8 vectors of weights, then 16 scales, then 16 mins. */
-#define QV_ROWS 16
+/* Rows per lane group (the packed copy's groups), x rows per tile. */
+#define QV_ROWS QP_ROWS
 #define QV_T 8
-#define QV_BLOCK_BYTES (8 * 64 + 64 + 64)
 
 /* out[k] lane i = 32-bit word k of the 16 bytes at src[i] + off, i < 16. */
 INLV void vnni_t16x4(const uint8_t *const *src, size_t off, __m512i out[4]) {
@@ -275,39 +375,39 @@ INLV void vnni_t16x4(const uint8_t *const *src, size_t off, __m512i out[4]) {
     out[3] = _mm512_unpackhi_epi64(ab1, cd1);
 }
 
-/* Block b of 16 rows in lane layout: wv[k] lane i = unsigned values
- * 4k .. 4k+3 of row i (wq + off), dw and mw lane i its scale and min.  The
- * halves are widened by vcvtph2ps, exact like fa_f16_table (a NaN scale may
- * come out with other payload bits, and makes the outputs NaN at every
- * level).  16 scalar loads beat vpgatherdd here. */
-INLV void vnni_wblock(int type, const uint8_t *const *rows, int64_t b, __m512i wv[8],
-                      __m512 *dw, __m512 *mw) {
-    __m512i t[4];
+/* Block b of 16 file rows in the packed copy's layout: q[k] as the quant
+ * vectors (4 for Q4_0 / Q4_1, 8 for Q8_0, already + 128), hd and hm the 16
+ * half scales and mins. */
+INLV void vnni_gather(int type, const uint8_t *const *rows, int64_t b, __m512i q[8],
+                      uint16_t hd[QV_ROWS], uint16_t hm[QV_ROWS]) {
     const size_t bytes = type == FA_Q8_0   ? FA_Q8_0_BYTES
                          : type == FA_Q4_1 ? FA_Q4_1_BYTES
                                            : FA_Q4_0_BYTES;
     const size_t o = (size_t)b * bytes;
-    uint16_t hd[QV_ROWS], hm[QV_ROWS];
     for (int i = 0; i < QV_ROWS; i++) hd[i] = fa_read_u16(rows[i] + o);
-    *dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hd));
+    if (type == FA_Q4_1)
+        for (int i = 0; i < QV_ROWS; i++) hm[i] = fa_read_u16(rows[i] + o + 2);
     if (type == FA_Q8_0) {
         const __m512i flip = _mm512_set1_epi8((char)0x80);
-        vnni_t16x4(rows, o + 2, t);
-        for (int k = 0; k < 4; k++) wv[k] = _mm512_xor_si512(t[k], flip);
-        vnni_t16x4(rows, o + 18, t);
-        for (int k = 0; k < 4; k++) wv[4 + k] = _mm512_xor_si512(t[k], flip);
+        vnni_t16x4(rows, o + 2, q);
+        vnni_t16x4(rows, o + 18, q + 4);
+        for (int k = 0; k < 8; k++) q[k] = _mm512_xor_si512(q[k], flip);
         return;
     }
-    const int q41 = type == FA_Q4_1;
-    const __m512i lo4 = _mm512_set1_epi8(0x0f);
-    vnni_t16x4(rows, o + (q41 ? 4 : 2), t);
-    for (int k = 0; k < 4; k++) {
-        wv[k] = _mm512_and_si512(t[k], lo4);
-        wv[4 + k] = _mm512_and_si512(_mm512_srli_epi32(t[k], 4), lo4);
+    vnni_t16x4(rows, o + (type == FA_Q4_1 ? 4 : 2), q);
+}
+
+/* The 8 vectors of unsigned values (wq + off) a block's quant vectors hold:
+ * wv[k] lane i = values 4k .. 4k+3 of row i. */
+INLV void vnni_values(int type, const __m512i *q, __m512i wv[8]) {
+    if (type == FA_Q8_0) {
+        for (int k = 0; k < 8; k++) wv[k] = q[k];
+        return;
     }
-    if (q41) {
-        for (int i = 0; i < QV_ROWS; i++) hm[i] = fa_read_u16(rows[i] + o + 2);
-        *mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hm));
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    for (int k = 0; k < 4; k++) {
+        wv[k] = _mm512_and_si512(q[k], lo4);
+        wv[4 + k] = _mm512_and_si512(_mm512_srli_epi32(q[k], 4), lo4);
     }
 }
 
@@ -317,25 +417,39 @@ INLV void vnni_wblock(int type, const uint8_t *const *rows, int64_t b, __m512i w
 #define VNNI_DPBUSD_X4(p, w, ptr)                                                      \
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(p) : "v"(w), "m"(*(const int32_t *)(ptr)))
 
-/* One group of 16 rows (lane i = row r + i where lanes has bit i) against T
- * x rows t0 .. t0 + T - 1.  Reads the group packed by vnni_pack at pk, or if
- * direct builds each block from rows[] on the way. */
+/* One group of 16 rows (lane i = row r + i, stored where lanes has bit i)
+ * against T x rows t0 .. t0 + T - 1.  Reads the group of a packed copy at pk,
+ * or if direct builds each block from rows[] on the way, prefetching its share
+ * of the pf_bytes at pf.  The halves are widened by vcvtph2ps, exact like
+ * fa_f16_table (a NaN scale may come out with other payload bits, and makes
+ * the outputs NaN at every level). */
 INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
                     const uint8_t *const *rows, int64_t r, __mmask16 lanes, const q8_act *x,
                     int64_t t0, const int T, float *y, int64_t ldy, const char *pf,
                     size_t pf_bytes) {
     const int64_t nb = x->nb, n_in = x->n_in;
     const int off = q8_offset(type);
+    const size_t qb = qp_quant_bytes(type);
+    const uint8_t *scales = direct ? NULL : pk + (size_t)nb * qb;
+    const uint8_t *mins = direct ? NULL : scales + (size_t)nb * 32;
     __m512 acc[QV_T], m[QV_T];
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) acc[t] = m[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m512i wv[8];
         __m512 dw, mw = _mm512_setzero_ps();
-        const uint8_t *pb = direct ? NULL : pk + b * QV_BLOCK_BYTES;
         if (!direct) {
-            dw = _mm512_loadu_ps((const float *)(pb + 512));
-            if (type == FA_Q4_1) mw = _mm512_loadu_ps((const float *)(pb + 576));
+            /* this block's share of the bytes to prefetch */
+            const size_t step = ((pf_bytes + nb - 1) / nb + 63) & ~(size_t)63;
+            for (size_t o = (size_t)b * step; o < (size_t)(b + 1) * step && o < pf_bytes; o += 64)
+                _mm_prefetch(pf + o, _MM_HINT_T0);
+            __m512i q[8];
+            for (int k = 0; k < (int)(qb / 64); k++)
+                q[k] = _mm512_loadu_si512((const void *)(pk + (size_t)b * qb + 64 * k));
+            vnni_values(type, q, wv);
+            dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 32 * b)));
+            if (type == FA_Q4_1)
+                mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mins + 32 * b)));
         } else {
             /* this block's share of the rows QV_PREFETCH groups ahead */
             const size_t step = QV_ROWS * (type == FA_Q8_0   ? FA_Q8_0_BYTES
@@ -343,7 +457,12 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
                                                              : FA_Q4_0_BYTES);
             for (size_t o = (size_t)b * step; o < (size_t)(b + 1) * step && o < pf_bytes; o += 64)
                 _mm_prefetch(pf + o, _MM_HINT_T0);
-            vnni_wblock(type, rows, b, wv, &dw, &mw);
+            __m512i q[8];
+            uint16_t hd[QV_ROWS], hm[QV_ROWS];
+            vnni_gather(type, rows, b, q, hd, hm);
+            vnni_values(type, q, wv);
+            dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hd));
+            if (type == FA_Q4_1) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hm));
         }
         /* with few x rows, two integer sums per row (values 0-15 and 16-31
          * of the block) halve the chain of dependent vpdpbusd; p is exact
@@ -358,11 +477,10 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
         const int8_t *xq = x->q + t0 * n_in + b * FA_QK;
 #pragma GCC unroll 8
         for (int k = 0; k < 8; k++) {
-            __m512i w = direct ? wv[k] : _mm512_loadu_si512((const void *)(pb + 64 * k));
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
-                if (split && k >= 4) VNNI_DPBUSD_X4(p2[t], w, xq + t * n_in + 4 * k);
-                else VNNI_DPBUSD_X4(p[t], w, xq + t * n_in + 4 * k);
+                if (split && k >= 4) VNNI_DPBUSD_X4(p2[t], wv[k], xq + t * n_in + 4 * k);
+                else VNNI_DPBUSD_X4(p[t], wv[k], xq + t * n_in + 4 * k);
             }
         }
         if (split)
@@ -419,6 +537,67 @@ static __mmask16 vnni_group_rows(const uint8_t *w, size_t rb, int64_t r, int64_t
     return (__mmask16)((1u << n) - 1);
 }
 
+/* The packed layout of one group, every block, into pk (the VNNI way of
+ * qp_pack_groups, for a prefill over a weight without a packed copy).  Lanes
+ * past the real rows repeat the last one; they are never stored. */
+TVNNI static void vnni_pack(int type, const uint8_t *const *rows, int64_t nb, uint8_t *pk) {
+    const size_t qb = qp_quant_bytes(type);
+    uint8_t *scales = pk + (size_t)nb * qb, *mins = scales + (size_t)nb * 32;
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i q[8];
+        uint16_t hd[QV_ROWS], hm[QV_ROWS];
+        vnni_gather(type, rows, b, q, hd, hm);
+        for (int k = 0; k < (int)(qb / 64); k++)
+            _mm512_storeu_si512((void *)(pk + (size_t)b * qb + 64 * k), q[k]);
+        memcpy(scales + 32 * b, hd, 32);
+        if (type == FA_Q4_1) memcpy(mins + 32 * b, hm, 32);
+    }
+}
+
+/* Bytes of packed groups a tile may take: the tile stays in L2 while every
+ * group of 8 x rows passes over it. */
+#define QV_TILE_BYTES (384 * 1024)
+
+/* How far ahead of its reads a thread prefetches its packed groups.  The
+ * hardware prefetcher alone left a 2-thread SmolLM2 decode about 20% slower
+ * (measured 8 to 24 KiB: alike within the noise of a shared machine). */
+#define QP_PREFETCH_BYTES (16 * 1024)
+
+/* Rows [r0, r1) of y from packed groups at pk, the first holding rows row0 ..
+ * row0 + 15 (row0 <= r0): tiles of groups, each passed by every 8 x rows.
+ * Known shortcoming: a group that straddles r0 or r1 (a thread share not on
+ * a multiple of 16 rows) is computed whole by both threads and stored in part. */
+TVNNI static void vnni_run_packed(int type, const uint8_t *pk, int64_t row0, int64_t r0,
+                                  int64_t r1, const q8_act *x, int64_t n_seq, float *y,
+                                  int64_t ldy) {
+    const vnni_tile_fn *tiles = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0_0
+                                : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0_0
+                                                  : vnni_tiles_FA_Q4_1_0;
+    const size_t gb = qp_group_bytes(type, x->nb);
+    const int64_t g_first = (r0 - row0) / QV_ROWS, g_end = (r1 - row0 + QV_ROWS - 1) / QV_ROWS;
+    int64_t tile = (int64_t)(QV_TILE_BYTES / gb);
+    if (tile < 1) tile = 1;
+    for (int64_t g0 = g_first; g0 < g_end; g0 += tile) {
+        int64_t g1 = g0 + tile < g_end ? g0 + tile : g_end;
+        for (int64_t t0 = 0; t0 < n_seq; t0 += QV_T) {
+            int nt = n_seq - t0 < QV_T ? (int)(n_seq - t0) : QV_T;
+            for (int64_t g = g0; g < g1; g++) {
+                const int64_t gr = row0 + g * QV_ROWS;
+                int lo = (int)((r0 > gr ? r0 : gr) - gr);
+                int hi = (int)((r1 < gr + QV_ROWS ? r1 : gr + QV_ROWS) - gr);
+                __mmask16 lanes = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
+                /* the group's share of the prefetching: gb bytes, QP_PREFETCH_BYTES
+                 * ahead, not past the thread's last group */
+                const size_t here = (size_t)g * gb, end = (size_t)g_end * gb;
+                const size_t ahead = here + QP_PREFETCH_BYTES;
+                size_t pf_bytes = ahead >= end ? 0 : end - ahead < gb ? end - ahead : gb;
+                tiles[nt](pk + here, NULL, gr, lanes, x, t0, y, ldy, (const char *)(pk + ahead),
+                          t0 == 0 ? pf_bytes : 0);
+            }
+        }
+    }
+}
+
 /* Ask for rows r .. r + 15 (those below r1) to come into cache.  The kernels
  * read 16 rows side by side, a pattern the hardware prefetcher follows
  * poorly, so each group asks for the one QV_PREFETCH groups ahead. */
@@ -430,43 +609,30 @@ static inline void vnni_prefetch_rows(const uint8_t *w, size_t rb, int64_t r, in
     for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
-/* The lane layout of one group, every block, into pk. */
-TVNNI static void vnni_pack(int type, const uint8_t *const *rows, int64_t nb, uint8_t *pk) {
-    for (int64_t b = 0; b < nb; b++) {
-        __m512i wv[8];
-        uint8_t *pb = pk + b * QV_BLOCK_BYTES;
-        __m512 dwv, mwv = _mm512_setzero_ps();
-        vnni_wblock(type, rows, b, wv, &dwv, &mwv);
-        for (int k = 0; k < 8; k++) _mm512_storeu_si512((void *)(pb + 64 * k), wv[k]);
-        _mm512_storeu_ps((float *)(pb + 512), dwv);
-        _mm512_storeu_ps((float *)(pb + 576), mwv);
+TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk,
+                           int64_t r0, int64_t r1, const q8_act *x, int64_t n_seq, float *y,
+                           int64_t ldy) {
+    /* the model's packed copy: nothing to rearrange */
+    if (pk) {
+        vnni_run_packed(type, pk, 0, r0, r1, x, n_seq, y, ldy);
+        return;
     }
-}
-
-/* Bytes of packed groups a tile may take: the tile stays in L2 while every
- * group of 8 x rows passes over it. */
-#define QV_TILE_BYTES (384 * 1024)
-
-TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, int64_t r1,
-                           const q8_act *x, int64_t n_seq, float *y, int64_t ldy) {
-    const vnni_tile_fn *packed = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0_0
-                                 : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0_0
-                                                   : vnni_tiles_FA_Q4_1_0;
-    const vnni_tile_fn *direct = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0_1
-                                 : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0_1
-                                                   : vnni_tiles_FA_Q4_1_1;
     const int64_t nb = x->nb;
-    const size_t group_bytes = (size_t)nb * QV_BLOCK_BYTES;
+    const size_t gb = qp_group_bytes(type, nb);
     const int64_t n_groups = (r1 - r0 + QV_ROWS - 1) / QV_ROWS;
     const uint8_t *rows[QV_ROWS];
 
-    /* packing pays off once several x rows read it; without memory for it
-     * the same numbers come from the unpacked path */
-    int64_t tile = (int64_t)(QV_TILE_BYTES / group_bytes);
+    /* without one, a prefill packs a tile of its rows at a time (packing pays
+     * off once several x rows read it); without memory for that, or for a
+     * decode, the same numbers come from the rows as they are */
+    int64_t tile = (int64_t)(QV_TILE_BYTES / gb);
     if (tile < 1) tile = 1;
     if (tile > n_groups) tile = n_groups;
-    uint8_t *pk = n_seq >= QV_T ? malloc((size_t)tile * group_bytes) : NULL;
-    if (!pk) {
+    uint8_t *buf = n_seq >= QV_T ? malloc((size_t)tile * gb) : NULL;
+    if (!buf) {
+        const vnni_tile_fn *direct = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0_1
+                                     : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0_1
+                                                       : vnni_tiles_FA_Q4_1_1;
         for (int64_t r = r0; r < r1; r += QV_ROWS) {
             __mmask16 lanes = vnni_group_rows(w, rb, r, r1, rows);
             const int64_t rp = r + QV_PREFETCH * QV_ROWS;
@@ -484,19 +650,13 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, int64_t r0, in
         for (int64_t g = g0; g < g1; g++) {
             vnni_prefetch_rows(w, rb, r0 + (g + QV_PREFETCH) * QV_ROWS, r1);
             vnni_group_rows(w, rb, r0 + g * QV_ROWS, r1, rows);
-            vnni_pack(type, rows, nb, pk + (size_t)(g - g0) * group_bytes);
+            vnni_pack(type, rows, nb, buf + (size_t)(g - g0) * gb);
         }
-        for (int64_t t0 = 0; t0 < n_seq; t0 += QV_T) {
-            int nt = n_seq - t0 < QV_T ? (int)(n_seq - t0) : QV_T;
-            for (int64_t g = g0; g < g1; g++) {
-                int64_t r = r0 + g * QV_ROWS;
-                int n = r1 - r < QV_ROWS ? (int)(r1 - r) : QV_ROWS;
-                packed[nt](pk + (size_t)(g - g0) * group_bytes, NULL, r,
-                           (__mmask16)((1u << n) - 1), x, t0, y, ldy, NULL, 0);
-            }
-        }
+        const int64_t row0 = r0 + g0 * QV_ROWS;
+        const int64_t end = r0 + g1 * QV_ROWS < r1 ? r0 + g1 * QV_ROWS : r1;
+        vnni_run_packed(type, buf, row0, row0, end, x, n_seq, y, ldy);
     }
-    free(pk);
+    free(buf);
 }
 
 /* The generic quantizer's numbers, 16 values at a time: the max is exact in
@@ -557,6 +717,15 @@ int fa_act_q8_supports(int type) {
     return type == FA_Q8_0 || type == FA_Q4_0 || type == FA_Q4_1;
 }
 
+int fa_q8_pack_wanted(int type) {
+#ifdef HAVE_X86_Q8
+    return fa_act_q8_supports(type) && q8_current() == &q8_vnni;
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
 void fa_quantize_act_q8(const float *x, int64_t n, int8_t *q, float *d, float *s) {
     if (!x || !q || !d || !s || n <= 0 || n % FA_QK) return;
     q8_current()->quantize(x, n / FA_QK, q, d, s, NULL, 0);
@@ -602,7 +771,8 @@ void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, i
         k->quantize(x + s * n_in, nb, qall + s * n_in, dall + s * nb, sall + s * nb,
                     ball + s * nb, off);
     const q8_act xa = {n_in, nb, qall, dall, sall, ball};
-    k->run(w->type, (const uint8_t *)w->data, rb, r0, r1, &xa, n_seq, y, n_out);
+    k->run(w->type, (const uint8_t *)w->data, rb, (const uint8_t *)w->packed_q8, r0, r1, &xa,
+           n_seq, y, n_out);
     if (buf != stack_buf) free(buf);
 }
 

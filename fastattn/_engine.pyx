@@ -11,8 +11,9 @@ build into 16-row panels (csrc/packed.c) when the SIMD level in use runs its
 type faster that way (fa_pack_wanted: every type with AVX-512, the float
 types with AVX2, none with the generic C); that costs a second copy of those
 weights in memory.  The token embedding stays as the file has it.  In the q8
-activation mode the Q4_0, Q4_1 and Q8_0 matrices keep only their file form,
-which is what the q8 kernels read.
+activation mode the Q4_0, Q4_1 and Q8_0 matrices get instead the q8 kernels'
+copy (16 rows side by side, csrc/quant_act.c) when the SIMD level in use reads
+one (fa_q8_pack_wanted: AVX-512 with VNNI), else keep only their file form.
 
 fastattn.model.Transformer validates names, types and shapes and builds these;
 this module checks again every size it hands to C, so that no call from
@@ -41,12 +42,16 @@ cdef extern from "model.h" nogil:
         int64_t n_in
         size_t row_bytes
         const void *packed
+        const void *packed_q8
 
     size_t fa_row_bytes(int type, int64_t n_in)
     size_t fa_packed_bytes(const fa_weight *w)
     int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes)
     int fa_act_q8_supports(int type)
     int fa_pack_wanted(int type)
+    size_t fa_q8_packed_bytes(const fa_weight *w)
+    int fa_q8_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes)
+    int fa_q8_pack_wanted(int type)
 
     ctypedef struct fa_layer:
         const float *attn_norm_w
@@ -111,15 +116,19 @@ cdef class Model:
     cdef fa_model m
     cdef fa_layer *layers
     cdef list keep          # every array a pointer of self.m points into
-    cdef readonly size_t packed_bytes  # memory the panel-packed copies take
+    cdef readonly size_t packed_bytes  # memory the packed copies (panel or q8) take
     cdef readonly object config
+    cdef bint q8_pack       # build the q8 kernels' packed copies where wanted
 
     def __cinit__(self):
         memset(&self.m, 0, sizeof(fa_model))
         self.layers = NULL
         self.keep = []
 
-    def __init__(self, config, dict matrices, dict vectors, int act=0):
+    def __init__(self, config, dict matrices, dict vectors, int act=0, *,
+                 bint q8_pack=True):
+        # q8_pack=False: no q8 packed copies, the q8 kernels read the file form
+        # (same numbers; for tests that compare both)
         cdef fa_model *m = &self.m
         cdef fa_layer *L
         cdef int64_t E = config.n_embd, F = config.n_ff
@@ -141,6 +150,7 @@ cdef class Model:
         m.rope_theta = config.rope_theta
         m.rope_neox = 1 if config.rope_neox else 0
         m.act = act  # 0 exact float products, 1 q8 activations (csrc/quant_act.c)
+        self.q8_pack = q8_pack
 
         self.layers = <fa_layer *>calloc(config.n_layer, sizeof(fa_layer))
         if self.layers == NULL:
@@ -223,13 +233,18 @@ cdef class Model:
         w.n_in = n_in
         w.row_bytes = rb
         w.packed = NULL
+        w.packed_q8 = NULL
         return w
 
     cdef int _pack(self, fa_weight *w, str name, int act) except -1:
-        """Point w.packed at a panel-packed copy of w, kept alive by self."""
-        if (act == 1 and fa_act_q8_supports(w.type)) or not fa_pack_wanted(w.type):
+        """Point w.packed at a panel-packed copy of w (or in q8 mode, w.packed_q8
+        at the q8 kernels' copy), kept alive by self."""
+        cdef bint q8 = act == 1 and fa_act_q8_supports(w.type)
+        if q8 and not (self.q8_pack and fa_q8_pack_wanted(w.type)):
             return 0
-        cdef size_t n = fa_packed_bytes(w)
+        if not q8 and not fa_pack_wanted(w.type):
+            return 0
+        cdef size_t n = fa_q8_packed_bytes(w) if q8 else fa_packed_bytes(w)
         if n == 0:
             return 0  # a block row too long to pack: the unpacked kernels take it
         try:
@@ -241,12 +256,15 @@ cdef class Model:
         cdef void *dst = cnp.PyArray_DATA(<cnp.ndarray>buf)
         cdef int rc
         with nogil:
-            rc = fa_pack_weight(w, dst, n)
+            rc = fa_q8_pack_weight(w, dst, n) if q8 else fa_pack_weight(w, dst, n)
         if rc != 0:
             raise FastAttnError(f"fastattn: weight {name} could not be repacked")
         self.keep.append(buf)
         self.packed_bytes += n
-        w.packed = dst
+        if q8:
+            w.packed_q8 = dst
+        else:
+            w.packed = dst
         return 0
 
     cdef const float *_vector(self, dict vectors, str name, int64_t n,

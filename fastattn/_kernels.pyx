@@ -38,10 +38,14 @@ cdef extern from "fastattn.h" nogil:
         int64_t n_in
         size_t row_bytes
         const void *packed
+        const void *packed_q8
 
     size_t fa_row_bytes(int type, int64_t n_in)
     size_t fa_packed_bytes(const fa_weight *w)
     int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes)
+    size_t fa_q8_packed_bytes(const fa_weight *w)
+    int fa_q8_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes)
+    int fa_q8_pack_wanted(int type)
     int fa_simd_level()
     int fa_set_simd_level(int level)
     const char *fa_simd_name(int level)
@@ -114,6 +118,7 @@ cdef class _Weight:
     cdef fa_weight w
     cdef object data
     cdef object packed_buf
+    cdef object packed_q8_buf
     cdef str name
 
     def __init__(self, w):
@@ -161,6 +166,7 @@ cdef class _Weight:
         self.w.n_in = shape[1]
         self.w.row_bytes = rb
         self.w.packed = NULL
+        self.w.packed_q8 = NULL
 
     cdef pack(self):
         """Point w.packed at a panel-packed copy (csrc/packed.c)."""
@@ -178,6 +184,32 @@ cdef class _Weight:
             raise ValueError(f"{self.name}: packing failed")
         self.packed_buf = buf
         self.w.packed = dst
+
+    cdef pack_q8(self):
+        """Point w.packed_q8 at the q8 kernels' copy (csrc/quant_act.c)."""
+        cdef size_t n = fa_q8_packed_bytes(&self.w)
+        if n == 0:
+            raise ValueError(f"{self.name}: cannot be packed for q8 activations "
+                             f"({type_name(self.w.type)})")
+        buf = _q8_pack_into(self, n)
+        self.packed_q8_buf = buf
+        self.w.packed_q8 = cnp.PyArray_DATA(<cnp.ndarray>buf)
+
+
+cdef _q8_pack_into(_Weight wt, size_t dst_bytes):
+    """fa_q8_pack_weight into a new 64-byte aligned buffer of dst_bytes;
+    ValueError if the C code refuses."""
+    buf = np.zeros(dst_bytes + 64, dtype=np.uint8)
+    buf = buf[(-buf.ctypes.data) % 64:][:dst_bytes]
+    cdef void *dst = cnp.PyArray_DATA(<cnp.ndarray>buf) if dst_bytes else NULL
+    cdef int rc
+    with nogil:
+        rc = fa_q8_pack_weight(&wt.w, dst, dst_bytes)
+    if rc != 0:
+        raise ValueError(f"{wt.name}: q8 packing refused ({type_name(wt.w.type)}, "
+                         f"shape ({wt.w.n_out}, {wt.w.n_in}), buffer of {dst_bytes} "
+                         f"bytes, {fa_q8_packed_bytes(&wt.w)} needed)")
+    return buf
 
 
 # ---------------------------------------------------------------- products
@@ -239,14 +271,62 @@ def matmul(w, x, n_threads=None, packed=False):
     return _product(wt, x, n_threads, 0)
 
 
-def matmul_q8(w, x, n_threads=None):
-    """matmul with "q8 activations" (csrc/quant_act.c): x rounded to 8-bit
-    blocks, integer dot products.  Q4_0 / Q4_1 / Q8_0 weights only."""
-    cdef _Weight wt = _Weight(w)
+class PackedQ8:
+    """A Q4_0 / Q4_1 / Q8_0 weight with the q8 kernels' packed copy made once
+    (what a Model in q8 mode does at load), for repeated matmul_q8 calls:
+    PackedQ8(w) where w is what matmul_q8 takes."""
+
+    def __init__(self, w):
+        cdef _Weight wt = _Weight(w)
+        _q8_weight_check(wt)
+        wt.pack_q8()
+        self.weight = wt
+
+
+cdef _q8_weight_check(_Weight wt):
     if not fa_act_q8_supports(wt.w.type):
         raise ValueError(f"{wt.name}: q8 activations take Q4_0, Q4_1 or Q8_0 weights, "
                          f"got {type_name(wt.w.type)}")
+
+
+def matmul_q8(w, x, n_threads=None, packed=False):
+    """matmul with "q8 activations" (csrc/quant_act.c): x rounded to 8-bit
+    blocks, integer dot products.  Q4_0 / Q4_1 / Q8_0 weights only.
+    packed: make the q8 kernels' packed copy of w first (what a Model in q8
+    mode does at load); w may also be a PackedQ8 weight.  The SIMD levels
+    without VNNI ignore the copy.  Same numbers either way."""
+    cdef _Weight wt
+    if isinstance(w, PackedQ8):
+        wt = w.weight
+    else:
+        wt = _Weight(w)
+        _q8_weight_check(wt)
+        if packed:
+            wt.pack_q8()
     return _product(wt, x, n_threads, 1)
+
+
+def q8_packed_bytes(w):
+    """fa_q8_packed_bytes: bytes of w's q8 packed copy, 0 if it cannot be packed."""
+    cdef _Weight wt = _Weight(w)
+    return fa_q8_packed_bytes(&wt.w)
+
+
+def q8_pack(w, dst_bytes=None):
+    """The q8 packed copy of w as uint8 [q8_packed_bytes(w)] (for tests).
+    dst_bytes: the buffer size to tell fa_q8_pack_weight (default: the size
+    needed); a smaller one must be refused with ValueError."""
+    cdef _Weight wt = _Weight(w)
+    cdef size_t n = fa_q8_packed_bytes(&wt.w)
+    if dst_bytes is None:
+        return _q8_pack_into(wt, n)
+    return _q8_pack_into(wt, _as_int(dst_bytes, "dst_bytes", 0, n + 4096))[:n]
+
+
+def q8_pack_wanted(qtype):
+    """fa_q8_pack_wanted: 1 if the SIMD level in use reads q8 packed copies of
+    qtype (AVX-512 with VNNI and a Q4_0 / Q4_1 / Q8_0 type), else 0."""
+    return fa_q8_pack_wanted(_as_int(qtype, "qtype", -(1 << 31), (1 << 31) - 1))
 
 
 def quantize_act_q8(x):

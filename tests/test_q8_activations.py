@@ -215,6 +215,148 @@ def test_rejects_float_weights():
         K.quantize_act_q8(np.ones(33, f32))
 
 
+# ------------------------------------------------------------- packed copy
+
+
+def np_q8_pack(w):
+    """The packed copy's documented layout (csrc/quant_act.c), in numpy."""
+    n_out, n_in = w.shape
+    nb = n_in // 32
+    raw = w.data.reshape(n_out, nb, BLOCK_BYTES[w.qtype])
+    n_groups = -(-n_out // 16)
+    pad = np.zeros((n_groups * 16, nb, raw.shape[2]), np.uint8)
+    pad[:n_out] = raw
+    g = pad.reshape(n_groups, 16, nb, -1).transpose(0, 2, 1, 3)  # [group, block, lane, byte]
+    if w.qtype == W.Q8_0:
+        quants = g[..., 2:34] ^ np.uint8(0x80)
+    else:
+        quants = g[..., 4:20] if w.qtype == W.Q4_1 else g[..., 2:18]
+    nv = quants.shape[3] // 4
+    # [group, block, lane, vector, 4] -> [group, block, vector, lane, 4]
+    q = quants.reshape(n_groups, nb, 16, nv, 4).transpose(0, 1, 3, 2, 4)
+    parts = [q.reshape(n_groups, -1), g[..., 0:2].reshape(n_groups, -1)]
+    if w.qtype == W.Q4_1:
+        parts.append(g[..., 2:4].reshape(n_groups, -1))
+    groups = np.concatenate(parts, axis=1)
+    width = -(-groups.shape[1] // 64) * 64
+    out = np.zeros((n_groups, width), np.uint8)
+    out[:, :groups.shape[1]] = groups
+    if w.qtype == W.Q8_0 and n_out % 16:
+        # rows past n_out are zero in the copy, quants included (not zero + 128)
+        last = out[-1, :nb * 512].reshape(nb, 8, 16, 4)
+        last[:, :, n_out % 16:, :] = 0
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("qtype", Q_TYPES)
+@pytest.mark.parametrize("n_out,n_in", [(37, 32), (16, 96), (301, 576)])
+def test_packed_copy_layout(qtype, n_out, n_in):
+    rng = np.random.default_rng(n_out + qtype)
+    w = make(rng, qtype, n_out, n_in)
+    packed = K.q8_pack(w)
+    assert packed.nbytes == K.q8_packed_bytes(w)
+    np.testing.assert_array_equal(packed, np_q8_pack(w))
+    # as compact as the file: only the padding of the last group and of each
+    # group to 64 bytes is added
+    assert packed.nbytes <= (-(-n_out // 16) * 16) * w.data.nbytes // n_out + 64 * -(-n_out // 16)
+
+
+def test_packed_copy_refuses_bad_sizes():
+    rng = np.random.default_rng(2)
+    w = make(rng, W.Q4_1, 37, 96)
+    n = K.q8_packed_bytes(w)
+    assert n == 3 * 3 * 320  # 3 groups of 3 blocks of (4 x 64 + 32 + 32) bytes
+    for told in (0, 1, n - 1):
+        with pytest.raises(ValueError, match="q8 packing refused"):
+            K.q8_pack(w, dst_bytes=told)
+    assert K.q8_pack(w, dst_bytes=n + 64).nbytes == n  # a larger buffer is fine
+    f = W.WeightTensor.from_float(np.ones((4, 32), f32), W.F16, name="w")
+    assert K.q8_packed_bytes(f) == 0
+    with pytest.raises(ValueError, match="q8 packing refused"):
+        K.q8_pack(f)
+    with pytest.raises(ValueError, match="Q4_0, Q4_1 or Q8_0"):
+        K.PackedQ8(f)
+    with pytest.raises(ValueError, match="Q4_0, Q4_1 or Q8_0"):
+        K.matmul_q8(f, np.ones(32, f32), packed=True)
+
+
+def test_pack_wanted_only_with_vnni(level):
+    wanted = [K.q8_pack_wanted(t) for t in Q_TYPES]
+    assert K.q8_pack_wanted(W.F32) == 0 and K.q8_pack_wanted(W.F16) == 0
+    assert K.q8_pack_wanted(-1) == 0
+    if level != "avx512":
+        assert wanted == [0, 0, 0]
+    else:
+        assert wanted in ([0, 0, 0], [1, 1, 1])  # 1 if the CPU has VNNI
+
+
+@pytest.mark.parametrize("qtype", Q_TYPES)
+@pytest.mark.parametrize("n_out,n_in", [(37, 32), (16, 64), (301, 576), (45, 2048)])
+def test_packed_same_bits_as_unpacked(level, qtype, n_out, n_in):
+    """The packed copy changes where the bytes are, not one bit of y: at every
+    level, for 1 .. 9 and 20 x rows (the decode kernel, the 8-row prefill
+    tiles and both), on 1 and 2 threads (2 threads split 37 and 301 rows
+    inside a group of 16)."""
+    rng = np.random.default_rng(n_out * n_in + qtype)
+    w = make(rng, qtype, n_out, n_in)
+    pw = K.PackedQ8(w)
+    x = rng.standard_normal((20, n_in)).astype(f32)
+    for n_seq in list(range(1, 10)) + [20]:
+        for nt in (1, 2):
+            want = K.matmul_q8(w, x[:n_seq], n_threads=nt)
+            np.testing.assert_array_equal(K.matmul_q8(pw, x[:n_seq], n_threads=nt), want)
+    np.testing.assert_array_equal(K.matmul_q8(w, x[3], n_threads=1, packed=True),
+                                  np_matmul_q8(w, x[3]))
+
+
+def test_packed_many_tiles_and_odd_scales():
+    """More groups than one prefill tile holds, odd half scales and mins:
+    packed and unpacked agree bit for bit, NaN positions included."""
+    rng = np.random.default_rng(13)
+    w = make(rng, W.Q4_1, 1250, 576)
+    raw = w.data.reshape(1250, 18, 20)
+    raw[5, 3, 0:2] = np.frombuffer(np.uint16(0x7C00).tobytes(), np.uint8)   # inf d
+    raw[700, 17, 2:4] = np.frombuffer(np.uint16(0x0001).tobytes(), np.uint8)  # subnormal m
+    pw = K.PackedQ8(w)
+    x = rng.standard_normal((17, 576)).astype(f32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for n_seq in (1, 4, 17):
+            for nt in (1, 2):
+                want = K.matmul_q8(w, x[:n_seq], n_threads=nt)
+                got = K.matmul_q8(pw, x[:n_seq], n_threads=nt)
+                np.testing.assert_array_equal(got, want)
+    assert np.isnan(want[:, 5]).all() or np.isinf(want[:, 5]).all()
+
+
+def test_model_with_and_without_packed_copy():
+    """A q8 model keeps a packed copy of every quantized matrix when the
+    engine's SIMD level reads one (AVX-512 with VNNI); one built without the
+    copies gives the same logits bit for bit, prefill and decode."""
+    from fastattn import _engine
+    config = random_config("llama", n_embd=96, n_head=3, n_kv_head=1, n_ff=160,
+                           n_layer=2, n_vocab=200, n_ctx=64)
+    weights = random_weights(config, qtype=W.Q4_1, embd_qtype=W.Q8_0, seed=4)
+    ids = random_ids(config, 19, seed=5)
+    packed = Transformer(config, weights, n_threads=2, activations="q8")
+    plain = Transformer(config, weights, n_threads=2, activations="q8")
+    matrices = {n: t for n, t in weights.items() if len(t.shape) == 2}
+    vectors = {n: t.to_float() for n, t in weights.items() if len(t.shape) == 1}
+    plain._engine = _engine.Model(config, matrices, vectors, 1, q8_pack=False)
+    assert plain._engine.packed_bytes == 0
+    expected = sum(K.q8_packed_bytes(t) for n, t in matrices.items()
+                   if n not in ("token_embd.weight", "output.weight"))
+    expected += K.q8_packed_bytes(weights.get("output.weight", weights["token_embd.weight"]))
+    if packed._engine.packed_bytes == 0:
+        pytest.skip("the engine's SIMD level has no VNNI q8 kernels: nothing to compare")
+    assert packed._engine.packed_bytes == expected
+    a = packed.forward(ids)
+    np.testing.assert_array_equal(a, plain.forward(ids))
+    for model in (packed, plain):
+        state = model.new_state()
+        steps = np.stack([model.decode(state, int(t)) for t in ids])
+        np.testing.assert_array_equal(steps, a)
+
+
 # ------------------------------------------------------------------ models
 
 
