@@ -28,6 +28,16 @@
 #include "fastattn.h"
 #include "model.h"
 
+/* n bytes on 2 MiB pages where the system gives them, as a model's packed
+ * weights and KV cache are (fa_advise_huge) */
+static void *big_alloc(size_t n) {
+    const size_t huge = (size_t)2 << 20;
+    size_t whole = (n + huge - 1) / huge * huge;
+    void *p = aligned_alloc(huge, whole);
+    if (p) fa_advise_huge(p, whole);
+    return p;
+}
+
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -51,11 +61,11 @@ static int gemv(int argc, char **argv) {
     }
     fa_weight *ws = calloc((size_t)nw, sizeof *ws);
     if (!ws) return 1;
-    size_t bytes = 0;
+    size_t bytes = 0, arena_bytes = 0;
     double macs = 0;
     const size_t bb = type == FA_Q4_1 ? 20 : 34;
     srand(1);
-    for (int i = 0; i < nw; i++) {
+    for (int i = 0; i < nw; i++) {  /* the weights and their sizes, then one arena */
         int64_t n_out = shapes[i % 7][0], n_in = shapes[i % 7][1];
         size_t rb = fa_row_bytes(type, n_in);
         uint8_t *d = malloc(rb * n_out);
@@ -67,15 +77,21 @@ static int gemv(int argc, char **argv) {
         }
         ws[i] = (fa_weight){.data = d, .type = type, .n_out = n_out, .n_in = n_in,
                             .row_bytes = rb};
+        arena_bytes += (fa_packed_bytes(&ws[i]) + 63) / 64 * 64;
+        bytes += rb * n_out;
+        macs += (double)n_out * n_in;
+    }
+    uint8_t *arena = big_alloc(arena_bytes);
+    if (!arena) return 1;
+    for (size_t i = 0, at = 0; i < (size_t)nw; i++) {
         size_t pbytes = fa_packed_bytes(&ws[i]);
-        void *p = aligned_alloc(64, (pbytes + 63) / 64 * 64);
-        if (!p || fa_pack_weight(&ws[i], p, pbytes) != 0) {
+        if (pbytes == 0 || at + pbytes > arena_bytes
+            || fa_pack_weight(&ws[i], arena + at, pbytes) != 0) {
             fprintf(stderr, "packing failed\n");
             return 1;
         }
-        ws[i].packed = p;
-        bytes += rb * n_out;
-        macs += (double)n_out * n_in;
+        ws[i].packed = arena + at;
+        at += (pbytes + 63) / 64 * 64;
     }
     static float x[1536], y[49152];
     for (int i = 0; i < 1536; i++) x[i] = (float)rand() / RAND_MAX - 0.5f;
@@ -96,10 +112,8 @@ static int gemv(int argc, char **argv) {
     printf("%s, %d thread(s), %s: %.3f ms, %.1f GB/s, %.1f GMAC/s per thread\n",
            type == FA_Q4_1 ? "Q4_1" : "Q8_0", nth, nl ? "layers" : "head",
            best * 1e3, bytes / best / 1e9, macs / best / 1e9 / nth);
-    for (int i = 0; i < nw; i++) {
-        free((void *)ws[i].data);
-        free((void *)ws[i].packed);
-    }
+    for (int i = 0; i < nw; i++) free((void *)ws[i].data);
+    free(arena);
     free(ws);
     return 0;
 }
@@ -114,8 +128,8 @@ static int attention(int argc, char **argv) {
     const int n_layer = 30, n_head = 9, n_kv = 3, hd = 64;
     const size_t layer = (size_t)n_kv * n_ctx * hd;
     const int64_t chunks = (n_ctx + FA_ATT_CHUNK - 1) / FA_ATT_CHUNK;
-    float *k = malloc(layer * n_layer * sizeof(float));
-    float *v = malloc(layer * n_layer * sizeof(float));
+    float *k = big_alloc(layer * n_layer * sizeof(float));
+    float *v = big_alloc(layer * n_layer * sizeof(float));
     float *part = malloc((size_t)n_head * chunks * FA_ATT_PART(hd) * sizeof(float));
     float q[9 * 64];
     if (!k || !v || !part) return 1;

@@ -94,6 +94,12 @@ int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes);
 void fa_matmul_share(int act, const fa_weight *w, int ith, int nth, int64_t *r0,
                      int64_t *r1);
 
+/* Ask the system to back the 2 MiB-aligned part of [p, p + n) with huge pages
+ * (Linux transparent huge pages; elsewhere nothing).  For memory a decode
+ * streams through whole at every step (packed weights, the KV cache): fewer
+ * TLB misses.  A hint, best called before the memory is first written. */
+void fa_advise_huge(void *p, size_t n);
+
 /* out[i] = W[row, i] as float32, i < n_in (embedding lookup). */
 void fa_dequant_row(const fa_weight *w, int64_t row, float *out);
 

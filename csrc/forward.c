@@ -22,6 +22,7 @@
 #include <math.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef __linux__
@@ -152,19 +153,28 @@ int fa_model_check(const fa_model *m) {
 
 /* ----------------------------------------------------------- the state */
 
+#define HUGE_PAGE ((size_t)2 << 20)
+
+void fa_advise_huge(void *p, size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    uintptr_t lo = ((uintptr_t)p + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
+    uintptr_t hi = ((uintptr_t)p + n) & ~(uintptr_t)(HUGE_PAGE - 1);
+    if (p && hi > lo) madvise((void *)lo, hi - lo, MADV_HUGEPAGE);  /* a hint */
+#else
+    (void)p, (void)n;
+#endif
+}
+
 /* The KV cache: like alloc_floats, but a cache of 2 to HUGE_CACHE_MAX bytes
- * is aligned to 2 MiB and asked to be backed by transparent huge pages
- * (Linux, where they are enabled for madvise).  A decode reads the whole
- * cache at every step; with 4 KiB pages its chunks keep missing the TLB
- * (benchmarks/stream_decode.c attention, one thread from DRAM: 17 -> 21
+ * is aligned to 2 MiB and put on huge pages (fa_advise_huge).  A decode reads
+ * the whole cache at every step; with 4 KiB pages its chunks keep missing the
+ * TLB (benchmarks/stream_decode.c attention, one thread from DRAM: 17 -> 21
  * GB/s).  The cap bounds the cost: a huge page is resident as soon as one
  * position in it is written, so a large cache used for a few positions (a
  * chat session sized to the model's context) would hold memory it does not
  * use; such caches keep small pages. */
-#define HUGE_PAGE ((size_t)2 << 20)
 #define HUGE_CACHE_MAX ((size_t)32 << 20)
 static float *alloc_cache(int64_t a, int64_t b, int64_t c, int64_t d) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
     size_t n = sizeof(float);
     int64_t dims[4] = {a, b, c, d};
     for (int i = 0; i < 4; i++) {
@@ -174,12 +184,11 @@ static float *alloc_cache(int64_t a, int64_t b, int64_t c, int64_t d) {
         size_t whole = (n + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
         void *p = aligned_alloc(HUGE_PAGE, whole);
         if (p) {
-            madvise(p, whole, MADV_HUGEPAGE);  /* a hint: failing changes nothing */
+            fa_advise_huge(p, whole);
             return p;
         }
     }
-#endif
-    return alloc_floats(a, b, c, d);
+    return malloc(n);
 }
 
 int fa_state_init(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chunk) {

@@ -134,7 +134,7 @@ INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t 
             /* A decode streams every byte once.  Ask for this block of the
              * panels the next call reads (NP on, while still in the matrix):
              * a whole group of panels ahead hides DRAM latency better than a
-             * block or two (benchmarks/stream_gemv.c, Q4_1, 2 threads: 20 -> 24
+             * block or two (benchmarks/stream_decode.c, Q4_1, 2 threads: 20 -> 24
              * GB/s), and those panels would otherwise start cold. */
             _Pragma("GCC unroll 8")
             for (int p = 0; p < NP; p++)
