@@ -3,7 +3,9 @@
 The kernels are checked bit for bit against a numpy model of the same
 integer arithmetic (see the comment at the top of csrc/quant_act.c); the mode
 as a whole is checked for its divergence from the exact float path, on random
-models and on SmolLM2.
+models and on SmolLM2.  The packed copy a q8-mode model makes at load is
+checked against a numpy model of its layout and for giving the same bits as
+the file form, kernel by kernel and model by model.
 """
 import numpy as np
 import pytest
