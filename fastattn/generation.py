@@ -374,15 +374,15 @@ class Model:
             transformer = Transformer(loaded.config, loaded.weights, n_threads=n_threads,
                                       activations=activations)
             tokenizer = Tokenizer.from_loaded(loaded.tokenizer)
-        except OutOfMemoryError:
-            raise
-        except MemoryError:
+        except MemoryError as e:  # OutOfMemoryError included: name the model
             # out here the half-built model's memory is free again: say what it needs
             mapped = sum(w.data.nbytes for w in loaded.weights.values())
+            detail = f" ({e})" if isinstance(e, OutOfMemoryError) else ""
             raise OutOfMemoryError(
-                f"{model}: out of memory while building the model: its weights take "
-                f"{mapped} bytes ({mapped / 2**20:.1f} MiB) mapped from the file, and "
-                f"the engine keeps a repacked copy of its matrices (up to as much again)"
+                f"{model}: out of memory while building the model{detail}: its weights "
+                f"take {mapped} bytes ({mapped / 2**20:.1f} MiB) mapped from the file, "
+                f"and the engine keeps a repacked copy of its matrices (up to as much "
+                f"again)"
             ) from None
         load_s = time.perf_counter() - start
 
