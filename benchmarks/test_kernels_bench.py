@@ -185,39 +185,36 @@ def model_weights():
     return [random_weight(t, o, i, seed=n) for n, (o, i, t) in enumerate(smollm2_matrices())]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_model_pass_q8(benchmark, level, model_weights, layout):
-    """The same pass with q8 activations: `packed` is what a q8-mode Model runs.
-    One call per matrix, each opening its own OpenMP region (a decode step
-    opens one for all), so with 2 threads the waking of threads weighs in."""
+def model_pass(benchmark, level, model_weights, layout, q8):
+    """One GEMV over every matrix of a SmolLM2-sized model, one call each.
+    Each call opens its own OpenMP region (a decode step opens one for all),
+    so with 2 threads the waking of threads weighs in; stream_decode.c times
+    the pass without that."""
     xs = {n: np.random.default_rng(n).standard_normal((1, n)).astype(np.float32)
           for n in (576, 1536)}
-    weights = [(laid_out_q8(w, layout), w.n_in) for w in model_weights]
+    lay = laid_out_q8 if q8 else laid_out
+    product = K.matmul_q8 if q8 else K.matmul
+    weights = [(lay(w, layout), w.n_in) for w in model_weights]
 
     def one_pass():
         for w, n_in in weights:
-            K.matmul_q8(w, xs[n_in], N_THREADS)
+            product(w, xs[n_in], N_THREADS)
 
     benchmark(one_pass)
     nbytes = sum(w.data.nbytes for w in model_weights)
-    report(benchmark, nbytes,
-           f"model pass q8-act {nbytes / 1e6:.0f} MB {layout} {level} x{N_THREADS}")
+    report(benchmark, nbytes, f"model pass{' q8-act' if q8 else ''} {nbytes / 1e6:.0f} MB "
+                              f"{layout} {level} x{N_THREADS}")
+    if best_time(benchmark):
+        print(f"  = {1 / best_time(benchmark):.0f} passes/s (tok/s bound from weights)")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_model_pass_q8(benchmark, level, model_weights, layout):
+    """The pass with q8 activations: `packed` is what a q8-mode Model runs."""
+    model_pass(benchmark, level, model_weights, layout, q8=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_model_pass(benchmark, level, model_weights, layout):
-    """A GEMV over every matrix of a SmolLM2-sized model, one call each."""
-    xs = {n: np.random.default_rng(n).standard_normal((1, n)).astype(np.float32)
-          for n in (576, 1536)}
-    weights = [(laid_out(w, layout), w.n_in) for w in model_weights]
-
-    def one_pass():
-        for w, n_in in weights:
-            K.matmul(w, xs[n_in], N_THREADS)
-
-    benchmark(one_pass)
-    nbytes = sum(w.data.nbytes for w in model_weights)
-    report(benchmark, nbytes,
-           f"model pass {nbytes / 1e6:.0f} MB {layout} {level} x{N_THREADS}")
-    if best_time(benchmark):
-        print(f"  = {1 / best_time(benchmark):.0f} passes/s (tok/s bound from weights)")
+    """The pass with float activations: `packed` is what a Model runs."""
+    model_pass(benchmark, level, model_weights, layout, q8=False)
