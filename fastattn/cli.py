@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-m", "--model", metavar="PATH",
                        help="GGUF file or Hugging Face folder (default: SmolLM2-135M-"
                             "Instruct, downloaded on first use)")
-        p.add_argument("-t", "--threads", type=_positive_int, metavar="N",
+        p.add_argument("-t", "--threads", type=_thread_count, metavar="N",
                        help="threads (default: the machine's cores)")
         p.add_argument("-c", "--ctx-size", type=_positive_int, metavar="N",
                        help="context length (default: the model's)")
@@ -114,6 +114,14 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _thread_count(text):
+    from .model import MAX_THREADS
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
     return value
 
 

@@ -23,6 +23,19 @@ from .weights import TYPES, WeightTensor, type_name
 
 log = logging.getLogger("fastattn")
 
+# Most threads a forward call may use.  Each is an OpenMP thread with its own
+# stack, and libgomp ends the whole process (no exception) when it cannot
+# create one, so an absurd count is refused here rather than there.
+MAX_THREADS = 256
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
 # Tokens per pass through the layers during a prefill: bounds the scratch
 # memory of a state ([max_chunk, n_ff] floats and the like) while keeping the
 # matrix products wide enough to run fast.
@@ -131,7 +144,8 @@ class Transformer:
     config   : ModelConfig (validated here)
     weights  : {canonical name: WeightTensor}; matrices stay in their block
                form, 1-D norms and biases become float32 arrays
-    n_threads: OpenMP threads per forward call (default os.cpu_count());
+    n_threads: OpenMP threads per forward call, 1 .. MAX_THREADS (default: the
+               CPUs this process may use; more than that is allowed but slow);
                may be changed later by setting the attribute
     activations: "f32" (default) multiplies every weight by float32
                activations, exactly; "q8" rounds the activations to 8-bit
@@ -152,7 +166,7 @@ class Transformer:
         check_weights(config, weights)
         self.activations = activations
         self.config = config
-        self.n_threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
+        self.n_threads = n_threads if n_threads is not None else available_cpus()
 
         matrices, vectors = {}, {}
         for name, t in weights.items():
@@ -174,6 +188,13 @@ class Transformer:
     def n_threads(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"n_threads must be a positive integer, got {value!r}")
+        if value > MAX_THREADS:
+            raise ValueError(f"n_threads must be at most {MAX_THREADS}, got {value}")
+        cpus = available_cpus()
+        if value > cpus:
+            log.warning("n_threads = %d is more than the %d CPUs this process can use; "
+                        "every step of a forward call waits for every thread, so it "
+                        "will run far slower", value, cpus)
         self._n_threads = int(value)
 
     # ------------------------------------------------------------------- states

@@ -140,6 +140,9 @@ def test_bad_values(tiny):
     assert "fastattn: error: top_p must be in (0.0, 1.0], got 1.5" in r.stderr
     r = run(["generate", "-m", tiny, "-p", "hi", "-t", "0"])
     assert r.returncode == 2 and "must be a positive integer" in r.stderr
+    # libgomp would end the process when it cannot create that many threads
+    r = run(["generate", "-m", tiny, "-p", "hi", "-t", "1000"])
+    assert r.returncode == 2 and "must be at most 256, got 1000" in r.stderr
     r = run(["generate", "-m", tiny])
     assert r.returncode == 2 and "needs a prompt" in r.stderr
     r = run(["generate", "-m", tiny, "-f", "/nonexistent/prompt.txt"])

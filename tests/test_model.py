@@ -337,3 +337,24 @@ def test_smollm2_decode_is_exact_and_thread_independent(smollm2):
             np.testing.assert_array_equal(model.decode(state, int(ids[t])), full[t])
     finally:
         model.n_threads = 2
+
+
+def test_thread_counts(caplog):
+    config, weights, m = make("llama-gqa-4/2", n_threads=1)
+    for bad in (0, -1, 2.0, True, "2", fastattn.model.MAX_THREADS + 1, 2**31, 2**70):
+        with pytest.raises(ValueError, match="n_threads must be"):
+            m.n_threads = bad
+    assert m.n_threads == 1
+    # more threads than CPUs: allowed (the tests use it), but said to be slow
+    over = fastattn.model.available_cpus() + 1
+    with caplog.at_level("WARNING", logger="fastattn"):
+        m.n_threads = over
+    assert m.n_threads == over
+    assert f"n_threads = {over} is more than the" in caplog.text
+    ids = random_ids(config, 5)
+    state = m.new_state(8)
+    over_logits = m.prefill(state, ids)
+    m.n_threads = 1
+    state.reset()
+    np.testing.assert_array_equal(m.prefill(state, ids), over_logits)
+    assert Transformer(config, weights).n_threads == fastattn.model.available_cpus()
