@@ -83,8 +83,8 @@ cdef int _threads(n_threads) except -1:
         return os.cpu_count() or 1
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
         raise ValueError(f"n_threads: expected a positive int, got {n_threads!r}")
-    if n_threads < 1 or n_threads > 1024:
-        raise ValueError(f"n_threads: expected 1 .. 1024, got {n_threads}")
+    if n_threads < 1 or n_threads > 256:  # fastattn.model.MAX_THREADS, and why
+        raise ValueError(f"n_threads: expected 1 .. 256, got {n_threads}")
     return n_threads
 
 

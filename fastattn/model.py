@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ContextOverflowError, FastAttnError, ModelFileError, TokenizerError
-from .weights import TYPES, WeightTensor, type_name
+from .weights import TYPES, WeightTensor, first_nonfinite, type_name
 
 log = logging.getLogger("fastattn")
 
@@ -100,6 +100,12 @@ def check_weights(config: ModelConfig, weights: dict) -> None:
         if tuple(t.shape) != tuple(shape):
             raise ModelFileError(f"{where}tensor {name}: expected shape {shape}, "
                                  f"found {tuple(t.shape)}")
+        # an infinity or NaN in a weight makes every logit NaN downstream
+        bad = first_nonfinite(t)
+        if bad is not None:
+            what = "value" if TYPES[t.qtype][1] == 1 else "block scale"
+            raise ModelFileError(f"{where}tensor {name}: {what} {bad} is infinite or "
+                                 f"NaN ({type_name(t.qtype)})")
     unknown = sorted(set(weights) - set(required) - set(optional))
     if unknown:
         # Ignoring a tensor (rope frequency factors, say) would give wrong answers

@@ -177,3 +177,40 @@ def quantize(array: np.ndarray, qtype: int) -> np.ndarray:
                                m.view(np.uint8).reshape(-1, 2)], axis=1)
     qs = q[:, :16] | (q[:, 16:] << 4)
     return np.concatenate([head, qs], axis=1).reshape(-1)
+
+
+# Where a type keeps the exponent of its values (float types) or of its block
+# scales (block types): (bytes per block, offsets of 16-bit scales in a block,
+# or None for the float types), and the exponent mask of one value.
+_FINITE_CHECK = {
+    F32: (4, None, np.uint32, 0x7F800000),
+    F16: (2, None, np.uint16, 0x7C00),
+    BF16: (2, None, np.uint16, 0x7F80),
+    Q8_0: (34, (0,), np.uint16, 0x7C00),
+    Q4_0: (18, (0,), np.uint16, 0x7C00),
+    Q4_1: (20, (0, 2), np.uint16, 0x7C00),
+}
+
+
+def first_nonfinite(t: WeightTensor):
+    """Index of the first value (float types) or block (block types) of t that
+    holds an infinity or NaN, or None.  A value or scale with every exponent
+    bit set is one; the check reads the data in 32 MiB pieces, so a big
+    float32 tensor costs no big temporary array."""
+    if t.qtype not in _FINITE_CHECK:
+        return None
+    step, scales, utype, mask = _FINITE_CHECK[t.qtype]
+    flat = t.data.reshape(-1)
+    if flat.size % step:
+        return None  # a size the shape checks refuse
+    units = flat.size // step
+    piece = (32 << 20) // step
+    for u0 in range(0, units, piece):
+        block = flat[u0 * step:min(units, u0 + piece) * step].reshape(-1, step)
+        fields = [block.view(utype)] if scales is None else \
+                 [block[:, o:o + 2].view(utype) for o in scales]
+        for f in fields:
+            bad = np.flatnonzero((f.reshape(-1) & utype(mask)) == utype(mask))
+            if bad.size:
+                return u0 + int(bad[0])
+    return None

@@ -358,3 +358,36 @@ def test_thread_counts(caplog):
     state.reset()
     np.testing.assert_array_equal(m.prefill(state, ids), over_logits)
     assert Transformer(config, weights).n_threads == fastattn.model.available_cpus()
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=type_name)
+def test_a_non_finite_weight_is_refused(qtype):
+    """An infinity or NaN in a weight (a value, or a block's scale) would make
+    every logit NaN: the build refuses it and names the tensor."""
+    config = random_config("llama", **CONFIGS["llama-gqa-4/2"][1])
+    weights = random_weights(config, qtype, seed=3)
+    name = "blk.1.ffn_down.weight"
+    t = weights[name]
+    bb = {F32: 4, F16: 2, BF16: 2, Q8_0: 34, Q4_0: 18, Q4_1: 20}[qtype]
+    bad = {F32: np.float32(np.nan).tobytes(), F16: np.float16(np.inf).tobytes(),
+           BF16: bytes([0x80, 0x7F]), Q8_0: np.float16(-np.inf).tobytes(),
+           Q4_0: np.float16(np.nan).tobytes(), Q4_1: np.float16(np.inf).tobytes()}[qtype]
+    unit = 7
+    # Q4_1: the min (at byte 2) is checked as well as the scale
+    at = unit * bb + (2 if qtype == Q4_1 else 0)
+    data = t.data.copy().reshape(-1)
+    data[at:at + len(bad)] = np.frombuffer(bad, np.uint8)
+    weights[name] = WeightTensor(data.reshape(t.data.shape), t.qtype, t.shape, t.name)
+    what = "value" if qtype in (F32, F16, BF16) else "block scale"
+    with pytest.raises(ModelFileError, match=f"tensor {name}: {what} {unit} is infinite "
+                                             f"or NaN"):
+        Transformer(config, weights)
+
+    # a norm vector too
+    weights = random_weights(config, qtype, seed=3)
+    g = weights["blk.0.attn_norm.weight"]
+    data = g.data.copy().reshape(-1)
+    data[4:8] = np.frombuffer(np.float32(np.inf).tobytes(), np.uint8)
+    weights["blk.0.attn_norm.weight"] = WeightTensor(data, g.qtype, g.shape, g.name)
+    with pytest.raises(ModelFileError, match="blk.0.attn_norm.weight: value 1 is infinite"):
+        Transformer(config, weights)
