@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GGUF file or Hugging Face folder (default: SmolLM2-135M-"
                             "Instruct, downloaded on first use)")
         p.add_argument("-t", "--threads", type=_thread_count, metavar="N",
-                       help="threads (default: the machine's cores)")
+                       help="threads, at most 256 (default: the CPUs this process may "
+                            "use)")
         p.add_argument("-c", "--ctx-size", type=_positive_int, metavar="N",
                        help="context length (default: the model's)")
         p.add_argument("--activations", choices=["f32", "q8"], default="f32",
@@ -49,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         if not sampling:
             return
         p.add_argument("-n", "--n-predict", type=int, default=None, metavar="N",
-                       help="tokens to generate (-1: until the context is full)")
+                       help="tokens to generate (default 128; per reply in `chat`: 512; a negative N: "
+                            "until the context is full)")
         p.add_argument("--temp", type=float, default=0.8, metavar="T",
-                       help="temperature; 0 is greedy (default 0.8)")
+                       help="temperature; 0 or less is greedy (default 0.8)")
         p.add_argument("--top-k", type=int, default=40, metavar="K",
                        help="keep the K most likely tokens; 0 keeps all (default 40)")
         p.add_argument("--top-p", type=float, default=0.95, metavar="P",
