@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         if not sampling:
             return
         p.add_argument("-n", "--n-predict", type=int, default=None, metavar="N",
-                       help="tokens to generate (default 128; per reply in `chat`: 512; a negative N: "
-                            "until the context is full)")
+                       help="tokens to generate (default 128; per reply in `chat`: "
+                            "512; a negative N: until the context is full)")
         p.add_argument("--temp", type=float, default=0.8, metavar="T",
                        help="temperature; 0 or less is greedy (default 0.8)")
         p.add_argument("--top-k", type=int, default=40, metavar="K",
