@@ -19,6 +19,7 @@
  * Prints the best of 30 passes.  Compare GB/s with benchmarks/peers.py
  * --bandwidth measured in the same minute: the host's bandwidth drifts.
  */
+#include <errno.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,10 +45,26 @@ static double now(void) {
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
+/* argv[i] as an integer in [lo, hi], def if absent; -1 (never a valid
+ * value here) if it is not one */
+static long long arg(int argc, char **argv, int i, long long def, long long lo,
+                     long long hi) {
+    if (argc <= i) return def;
+    char *end;
+    errno = 0;
+    long long v = strtoll(argv[i], &end, 10);
+    return errno || end == argv[i] || *end || v < lo || v > hi ? -1 : v;
+}
+
+static int out_of_memory(void) {
+    fprintf(stderr, "stream_decode: out of memory\n");
+    return 1;
+}
+
 static int gemv(int argc, char **argv) {
-    int type = argc > 1 ? atoi(argv[1]) : FA_Q4_1;
-    int nth = argc > 2 ? atoi(argv[2]) : 2;
-    int nl = argc > 3 ? atoi(argv[3]) : 30;
+    int type = (int)arg(argc, argv, 1, FA_Q4_1, 0, 64);
+    int nth = (int)arg(argc, argv, 2, 2, 1, 256);
+    int nl = (int)arg(argc, argv, 3, 30, 0, 1000);
     if ((type != FA_Q4_1 && type != FA_Q8_0) || nth < 1 || nl < 0) {
         fprintf(stderr, "usage: stream_decode gemv [3|8 [threads [layers]]]\n");
         return 2;
@@ -60,7 +77,7 @@ static int gemv(int argc, char **argv) {
         nw = 1;
     }
     fa_weight *ws = calloc((size_t)nw, sizeof *ws);
-    if (!ws) return 1;
+    if (!ws) return out_of_memory();
     size_t bytes = 0, arena_bytes = 0;
     double macs = 0;
     const size_t bb = type == FA_Q4_1 ? 20 : 34;
@@ -69,7 +86,7 @@ static int gemv(int argc, char **argv) {
         int64_t n_out = shapes[i % 7][0], n_in = shapes[i % 7][1];
         size_t rb = fa_row_bytes(type, n_in);
         uint8_t *d = malloc(rb * n_out);
-        if (!d) return 1;
+        if (!d) return out_of_memory();
         for (size_t j = 0; j < rb * n_out; j++) d[j] = (uint8_t)rand();
         for (size_t j = 0; j < rb * n_out; j += bb) {  /* scales 0.0016, min -0.0016 */
             d[j] = 0x1f, d[j + 1] = 0x16;
@@ -82,7 +99,7 @@ static int gemv(int argc, char **argv) {
         macs += (double)n_out * n_in;
     }
     uint8_t *arena = big_alloc(arena_bytes);
-    if (!arena) return 1;
+    if (!arena) return out_of_memory();
     for (size_t i = 0, at = 0; i < (size_t)nw; i++) {
         size_t pbytes = fa_packed_bytes(&ws[i]);
         if (pbytes == 0 || at + pbytes > arena_bytes
@@ -119,9 +136,9 @@ static int gemv(int argc, char **argv) {
 }
 
 static int attention(int argc, char **argv) {
-    int nth = argc > 1 ? atoi(argv[1]) : 2;
-    int64_t n_ctx = argc > 2 ? atoll(argv[2]) : 2048;
-    if (nth < 1 || n_ctx < 1 || n_ctx > (1 << 20)) {
+    int nth = (int)arg(argc, argv, 1, 2, 1, 256);
+    int64_t n_ctx = arg(argc, argv, 2, 2048, 1, 1 << 20);
+    if (nth < 1 || n_ctx < 1) {
         fprintf(stderr, "usage: stream_decode attention [threads [n_ctx]]\n");
         return 2;
     }
@@ -132,7 +149,7 @@ static int attention(int argc, char **argv) {
     float *v = big_alloc(layer * n_layer * sizeof(float));
     float *part = malloc((size_t)n_head * chunks * FA_ATT_PART(hd) * sizeof(float));
     float q[9 * 64];
-    if (!k || !v || !part) return 1;
+    if (!k || !v || !part) return out_of_memory();
     srand(1);
     for (size_t i = 0; i < layer * n_layer; i++) {
         k[i] = (float)rand() / RAND_MAX - 0.5f;
