@@ -174,16 +174,9 @@ cdef class _Weight:
         if n == 0:
             raise ValueError(f"{self.name}: cannot be packed ({type_name(self.w.type)}, "
                              f"n_in = {self.w.n_in})")
-        buf = np.empty(n + 64, dtype=np.uint8)
-        buf = buf[(-buf.ctypes.data) % 64:][:n]
-        cdef void *dst = cnp.PyArray_DATA(<cnp.ndarray>buf)
-        cdef int rc
-        with nogil:
-            rc = fa_pack_weight(&self.w, dst, n)
-        if rc != 0:
-            raise ValueError(f"{self.name}: packing failed")
+        buf = _pack_into(self, n, False)
         self.packed_buf = buf
-        self.w.packed = dst
+        self.w.packed = cnp.PyArray_DATA(<cnp.ndarray>buf)
 
     cdef pack_q8(self):
         """Point w.packed_q8 at the q8 kernels' copy (csrc/quant_act.c)."""
@@ -191,24 +184,28 @@ cdef class _Weight:
         if n == 0:
             raise ValueError(f"{self.name}: cannot be packed for q8 activations "
                              f"({type_name(self.w.type)})")
-        buf = _q8_pack_into(self, n)
+        buf = _pack_into(self, n, True)
         self.packed_q8_buf = buf
         self.w.packed_q8 = cnp.PyArray_DATA(<cnp.ndarray>buf)
 
 
-cdef _q8_pack_into(_Weight wt, size_t dst_bytes):
-    """fa_q8_pack_weight into a new 64-byte aligned buffer of dst_bytes;
-    ValueError if the C code refuses."""
+cdef _pack_into(_Weight wt, size_t dst_bytes, bint q8):
+    """fa_pack_weight (q8: fa_q8_pack_weight) into a new 64-byte aligned buffer
+    of dst_bytes; ValueError if the C code refuses."""
     buf = np.zeros(dst_bytes + 64, dtype=np.uint8)
     buf = buf[(-buf.ctypes.data) % 64:][:dst_bytes]
     cdef void *dst = cnp.PyArray_DATA(<cnp.ndarray>buf) if dst_bytes else NULL
     cdef int rc
     with nogil:
-        rc = fa_q8_pack_weight(&wt.w, dst, dst_bytes)
+        if q8:
+            rc = fa_q8_pack_weight(&wt.w, dst, dst_bytes)
+        else:
+            rc = fa_pack_weight(&wt.w, dst, dst_bytes)
     if rc != 0:
-        raise ValueError(f"{wt.name}: q8 packing refused ({type_name(wt.w.type)}, "
-                         f"shape ({wt.w.n_out}, {wt.w.n_in}), buffer of {dst_bytes} "
-                         f"bytes, {fa_q8_packed_bytes(&wt.w)} needed)")
+        need = fa_q8_packed_bytes(&wt.w) if q8 else fa_packed_bytes(&wt.w)
+        raise ValueError(f"{wt.name}: {'q8 ' if q8 else ''}packing refused "
+                         f"({type_name(wt.w.type)}, shape ({wt.w.n_out}, {wt.w.n_in}), "
+                         f"buffer of {dst_bytes} bytes, {need} needed)")
     return buf
 
 
@@ -319,8 +316,8 @@ def q8_pack(w, dst_bytes=None):
     cdef _Weight wt = _Weight(w)
     cdef size_t n = fa_q8_packed_bytes(&wt.w)
     if dst_bytes is None:
-        return _q8_pack_into(wt, n)
-    return _q8_pack_into(wt, _as_int(dst_bytes, "dst_bytes", 0, n + 4096))[:n]
+        return _pack_into(wt, n, True)
+    return _pack_into(wt, _as_int(dst_bytes, "dst_bytes", 0, n + 4096), True)[:n]
 
 
 def q8_pack_wanted(qtype):
