@@ -168,25 +168,21 @@ cdef class _Weight:
         self.w.packed = NULL
         self.w.packed_q8 = NULL
 
-    cdef pack(self):
-        """Point w.packed at a panel-packed copy (csrc/packed.c)."""
-        cdef size_t n = fa_packed_bytes(&self.w)
+    cdef pack(self, bint q8=False):
+        """Point w.packed at a panel-packed copy (csrc/packed.c), or with q8
+        w.packed_q8 at the q8 kernels' copy (csrc/quant_act.c)."""
+        cdef size_t n = fa_q8_packed_bytes(&self.w) if q8 else fa_packed_bytes(&self.w)
         if n == 0:
-            raise ValueError(f"{self.name}: cannot be packed ({type_name(self.w.type)}, "
-                             f"n_in = {self.w.n_in})")
-        buf = _pack_into(self, n, False)
-        self.packed_buf = buf
-        self.w.packed = cnp.PyArray_DATA(<cnp.ndarray>buf)
-
-    cdef pack_q8(self):
-        """Point w.packed_q8 at the q8 kernels' copy (csrc/quant_act.c)."""
-        cdef size_t n = fa_q8_packed_bytes(&self.w)
-        if n == 0:
-            raise ValueError(f"{self.name}: cannot be packed for q8 activations "
-                             f"({type_name(self.w.type)})")
-        buf = _pack_into(self, n, True)
-        self.packed_q8_buf = buf
-        self.w.packed_q8 = cnp.PyArray_DATA(<cnp.ndarray>buf)
+            raise ValueError(f"{self.name}: cannot be packed"
+                             f"{' for q8 activations' if q8 else ''} "
+                             f"({type_name(self.w.type)}, n_in = {self.w.n_in})")
+        buf = _pack_into(self, n, q8)
+        if q8:
+            self.packed_q8_buf = buf
+            self.w.packed_q8 = cnp.PyArray_DATA(<cnp.ndarray>buf)
+        else:
+            self.packed_buf = buf
+            self.w.packed = cnp.PyArray_DATA(<cnp.ndarray>buf)
 
 
 cdef _pack_into(_Weight wt, size_t dst_bytes, bint q8):
@@ -276,7 +272,7 @@ class PackedQ8:
     def __init__(self, w):
         cdef _Weight wt = _Weight(w)
         _q8_weight_check(wt)
-        wt.pack_q8()
+        wt.pack(True)
         self.weight = wt
 
 
@@ -299,7 +295,7 @@ def matmul_q8(w, x, n_threads=None, packed=False):
         wt = _Weight(w)
         _q8_weight_check(wt)
         if packed:
-            wt.pack_q8()
+            wt.pack(True)
     return _product(wt, x, n_threads, 1)
 
 
