@@ -394,6 +394,9 @@ def main(argv=None):
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every system this many times over, in alternating order, "
+                         "and give each round's ratios (numpy runs in the first only)")
     ap.add_argument("--peers", default=",".join(ALL_PEERS),
                     help=f"comma-separated, among {','.join(ALL_PEERS)}")
     ap.add_argument("--numpy-prompt-tokens", type=int, default=64)
@@ -417,9 +420,10 @@ def main(argv=None):
     unknown = [p for p in peers if p not in ALL_PEERS]
     if unknown:
         ap.error(f"unknown peer {unknown[0]!r} (known: {', '.join(ALL_PEERS)})")
-    if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.threads < 1 or args.reps < 1:
+    if (args.prompt_tokens < 1 or args.gen_tokens < 2 or args.threads < 1 or args.reps < 1
+            or args.rounds < 1):
         ap.error("need --prompt-tokens >= 1, --gen-tokens >= 2, --threads >= 1, "
-                 "--reps >= 1")
+                 "--reps >= 1, --rounds >= 1")
 
     # the prompt, from fastattn's tokenizer
     from fastattn.loaders import load_model_files
@@ -462,16 +466,23 @@ def main(argv=None):
             bw["when"] = when
             bandwidth.append(bw)
 
-    bandwidth = []
+    def run_round(order, numpy_too):
+        results = {}
+        for peer in order:
+            if peer == "numpy" and not numpy_too:
+                continue
+            run_peer(peer, results, numpy_too)
+        if not bandwidth:
+            bandwidth_now("after all")
+        return results
 
-    results = {}
-    for peer in peers:
+    def run_peer(peer, results, numpy_too):
         if peer in missing:
             results[peer] = {"error": missing[peer]}
-            continue
+            return
         if peer == "numpy":
             workloads = [small_load]
-        elif peer == "fastattn" and "numpy" in peers and "numpy" not in missing:
+        elif peer == "fastattn" and numpy_too and "numpy" in peers and "numpy" not in missing:
             # fastattn also on the numpy sizes: that ratio is measured, not extrapolated
             workloads = [main_load, {**small_load, "warmup": 1, "reps": max(3, args.reps)}]
         else:
@@ -491,15 +502,50 @@ def main(argv=None):
         results[peer]["busy_before"] = idle_before
         if peer.startswith("fastattn"):
             bandwidth_now(f"after {peer}")
-    if not bandwidth:
-        bandwidth_now("after all")
 
-    report = build_report(args, model_path, facts, bandwidth, results, peers)
-    print(report["text"])
+    # Rounds: every system once per round, the order reversed in every other
+    # round.  The host's speed drifts between minutes (every system slower
+    # together), so a ratio is formed within a round, between runs minutes
+    # apart, and the rounds are reported side by side.  numpy runs once.
+    reports = []
+    for k in range(args.rounds):
+        if args.rounds > 1:
+            log(f"round {k + 1} of {args.rounds}")
+        bandwidth = []
+        order = peers if k % 2 == 0 else peers[::-1]
+        results = run_round(order, numpy_too=(k == 0))
+        report = build_report(args, model_path, facts, bandwidth, results,
+                              [p for p in peers if p in results])
+        if args.rounds > 1:
+            report["text"] = f"===== round {k + 1} of {args.rounds}\n" + report["text"]
+        print(report["text"] + "\n", flush=True)
+        reports.append(report)
+    if args.rounds > 1:
+        print(rounds_summary(reports))
     if args.json:
+        record = {k: v for k, v in reports[0].items() if k != "text"}
+        if args.rounds > 1:
+            record = {"rounds": [{k: v for k, v in r.items() if k != "text"}
+                                 for r in reports]}
         with open(args.json, "w") as f:
-            json.dump({k: v for k, v in report.items() if k != "text"}, f, indent=1)
+            json.dump(record, f, indent=1)
     return 0
+
+
+def rounds_summary(reports):
+    """Each target's value in every round, and in how many rounds it held."""
+    lines = [f"targets over {len(reports)} rounds (each value from one round's own runs)"]
+    names = [t["name"] for t in reports[0]["targets"]]
+    for name in names:
+        values = [next((t["value"] for t in r["targets"] if t["name"] == name), None)
+                  for r in reports]
+        goal = next(t["goal"] for t in reports[0]["targets"] if t["name"] == name)
+        measured = [v for v in values if v is not None]
+        held = sum(v >= goal for v in measured)
+        verdict = f"{held} of {len(measured)}" if measured else "n/a"
+        lines.append(f"  {verdict:>7}  {name:<64} "
+                     + " ".join(fmt(v, "{:.2f}") for v in values) + f"  (goal >= {goal:g})")
+    return "\n".join(lines)
 
 
 def build_report(args, model_path, facts, bandwidth, results, peers):
