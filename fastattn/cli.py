@@ -432,6 +432,23 @@ def _read_text(path):
             from None
 
 
+def _check_argv_text(args):
+    """Text given on the command line must be UTF-8.  Python hands undecodable
+    argv bytes over as lone surrogates U+DC80..U+DCFF; name the byte instead."""
+    for name, flag in (("prompt", "-p"), ("system", "--system")):
+        value = getattr(args, name, None)
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = value[e.start]
+            what = (f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF
+                    else f"U+{ord(bad):04X}")
+            raise UsageError(f"{flag}: the text is not valid UTF-8 ({what} at "
+                             f"character {e.start})") from None
+
+
 def _isnan(array):
     import numpy as np
     return np.isnan(array)
@@ -454,6 +471,7 @@ def main(argv=None) -> int:
 
     _line_open = False
     try:
+        _check_argv_text(args)
         return args.run(args) or 0
     except UsageError as e:
         end_line()

@@ -127,6 +127,26 @@ def test_not_a_gguf_file(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_not_a_model_path(tmp_path):
+    r = run(["info", "-m", "/dev/zero"])
+    assert r.returncode == 1
+    assert "fastattn: error: /dev/zero: not a regular file" in r.stderr
+    r = run(["info", "-m", str(tmp_path)])
+    assert r.returncode == 1
+    assert f"fastattn: error: {tmp_path}: a folder without config.json" in r.stderr
+
+
+def test_prompt_argument_not_utf8(tiny):
+    # argv bytes that are not UTF-8 reach Python as lone surrogates
+    r = run(["generate", "-m", tiny, "-p", b"caf\xe9 au lait"])
+    assert r.returncode == 2
+    assert "fastattn: error: -p: the text is not valid UTF-8 (byte 0xe9 at character 3)" \
+        in r.stderr
+    r = run(["generate", "-m", tiny, "-p", "hi", "--chat", "--system", b"\xff"])
+    assert r.returncode == 2 and "--system: the text is not valid UTF-8 (byte 0xff" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_bad_flag():
     r = run(["generate", "--no-such-flag"])
     assert r.returncode == 2

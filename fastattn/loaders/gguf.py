@@ -35,6 +35,7 @@ import logging
 import math
 import mmap
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -808,6 +809,8 @@ def load_gguf(path) -> LoadedModel:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ModelFileError(f"{path}: not a regular file, so not a GGUF model")
             if size == 0:
                 raise ModelFileError(f"{path}: empty file, not a GGUF model")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:

@@ -259,6 +259,9 @@ def load_hf_folder(path) -> LoadedModel:
     """Read a GPT2LMHeadModel or LlamaForCausalLM checkpoint folder."""
     folder = os.fspath(path)
     config_path = os.path.join(folder, "config.json")
+    if os.path.isdir(folder) and not os.path.exists(config_path):
+        raise ModelFileError(f"{folder}: a folder without config.json, so not a Hugging "
+                             f"Face checkpoint (a model is a .gguf file or such a folder)")
     raw_config = _read_json(config_path)
     config = config_from_hf(raw_config, config_path)
     config.source = folder
