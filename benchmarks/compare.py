@@ -15,9 +15,10 @@ shows medians:
     peak RSS        the child process's ru_maxrss (interpreter and imports included)
     fastattn x      fastattn's speed / this system's speed (> 1: fastattn faster)
 
-The numpy reference (no KV cache, the whole sequence recomputed per token) is
-run on its own, smaller sizes (--numpy-prompt-tokens, --numpy-gen-tokens),
-next to fastattn on the same sizes in the same run.  A read-bandwidth
+The numpy reference (no KV cache, the whole sequence recomputed per token,
+the picoGPT way) runs once, by default on the same sizes as the others (512 +
+128: about 4 minutes here; --numpy-prompt-tokens and --numpy-gen-tokens make
+it smaller), next to fastattn on the same sizes in the same run.  A read-bandwidth
 measurement with the same thread count gives the decode speed that memory
 traffic alone allows.  Systems that are not installed are listed as such.
 """
@@ -399,8 +400,10 @@ def main(argv=None):
                          "and give each round's ratios (numpy runs in the first only)")
     ap.add_argument("--peers", default=",".join(ALL_PEERS),
                     help=f"comma-separated, among {','.join(ALL_PEERS)}")
-    ap.add_argument("--numpy-prompt-tokens", type=int, default=64)
-    ap.add_argument("--numpy-gen-tokens", type=int, default=16)
+    ap.add_argument("--numpy-prompt-tokens", type=int,
+                    help="the numpy reference's prompt (default: --prompt-tokens)")
+    ap.add_argument("--numpy-gen-tokens", type=int,
+                    help="the numpy reference's new tokens (default: --gen-tokens)")
     ap.add_argument("--numpy-reps", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per system")
     ap.add_argument("--wait-quiet", type=float, default=120.0,
@@ -416,6 +419,10 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
 
     PRIORITY["nice"] = args.nice
+    if args.numpy_prompt_tokens is None:
+        args.numpy_prompt_tokens = args.prompt_tokens
+    if args.numpy_gen_tokens is None:
+        args.numpy_gen_tokens = args.gen_tokens
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in ALL_PEERS]
     if unknown:
