@@ -140,7 +140,8 @@ INL void block_tile(const int type, const int decoded, const uint8_t *w, size_t 
             for (int p = 0; p < NP; p++)
                 if (16 * (p + NP) < rows)
                     for (size_t off = 0; off < bb; off += 64)
-                        _mm_prefetch((const char *)(blk + (p + NP) * pb + off), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(blk + (p + NP) * pb + off),
+                                     FA_PREFETCH_STREAM);
         }
         if (type == FA_Q8_0) {
             /* byte j of each lane to a float: a load 3 - j bytes early puts

@@ -442,7 +442,7 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
             /* this block's share of the bytes to prefetch */
             const size_t step = ((pf_bytes + nb - 1) / nb + 63) & ~(size_t)63;
             for (size_t o = (size_t)b * step; o < (size_t)(b + 1) * step && o < pf_bytes; o += 64)
-                _mm_prefetch(pf + o, _MM_HINT_T0);
+                _mm_prefetch(pf + o, FA_PREFETCH_STREAM);
             __m512i q[8];
             for (int k = 0; k < (int)(qb / 64); k++)
                 q[k] = _mm512_loadu_si512((const void *)(pk + (size_t)b * qb + 64 * k));
@@ -456,7 +456,7 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
                                            : type == FA_Q4_1 ? FA_Q4_1_BYTES
                                                              : FA_Q4_0_BYTES);
             for (size_t o = (size_t)b * step; o < (size_t)(b + 1) * step && o < pf_bytes; o += 64)
-                _mm_prefetch(pf + o, _MM_HINT_T0);
+                _mm_prefetch(pf + o, FA_PREFETCH_STREAM);
             __m512i q[8];
             uint16_t hd[QV_ROWS], hm[QV_ROWS];
             vnni_gather(type, rows, b, q, hd, hm);
@@ -606,7 +606,7 @@ static inline void vnni_prefetch_rows(const uint8_t *w, size_t rb, int64_t r, in
     if (r >= r1) return;
     const char *p = (const char *)(w + (size_t)r * rb);
     size_t bytes = (size_t)(r1 - r < QV_ROWS ? r1 - r : QV_ROWS) * rb;
-    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, FA_PREFETCH_STREAM);
 }
 
 TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk,

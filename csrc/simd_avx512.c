@@ -294,7 +294,7 @@ INL void scores_rows_r(float *score, int64_t lds, const float *const *qrow, cons
          * (ahead 16 or 64 gave about the same).  The same ask for V in
          * wsum_rows measured no gain. */
         for (int64_t o = 0; o < 4 * n; o += 16)
-            _mm_prefetch((const char *)(k + (t + 32) * n + o), _MM_HINT_T0);
+            _mm_prefetch((const char *)(k + (t + 32) * n + o), FA_PREFETCH_STREAM);
         __m512 a[6][4];
         for (int r = 0; r < R; r++)
             for (int j = 0; j < 4; j++) a[r][j] = _mm512_setzero_ps();
