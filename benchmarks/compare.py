@@ -43,8 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-ALL_PEERS = ["fastattn", "fastattn-f32", "fastattn-q8", "llama.cpp", "llama.cpp-fa",
-             "transformers", "ctranslate2", "ctranslate2-int8", "numpy"]
+ALL_PEERS = ["fastattn", "fastattn-f32", "fastattn-q8", "fastattn-q8-kv16", "llama.cpp",
+             "llama.cpp-fa", "transformers", "ctranslate2", "ctranslate2-int8", "numpy"]
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastattn-bench")
 
 # The prompt: plain English prose, repeated as often as needed and cut to the
@@ -93,13 +93,14 @@ def build_prompt(tokenizer, n_tokens):
 
 def model_facts(loaded):
     """Bytes the weights take as stored and as float32, and KV cache bytes
-    per cached position (K and V, float32, every layer)."""
+    per cached position (K and V, every layer; float32, and float16 for the
+    kv16 peer)."""
     config = loaded.config
     stored = sum(int(w.data.nbytes) for w in loaded.weights.values())
     as_f32 = sum(4 * _numel(w.shape) for w in loaded.weights.values())
     kv_per_pos = 2 * config.n_layer * config.n_kv_head * config.head_dim * 4
     return {"weight_bytes": stored, "weight_bytes_f32": as_f32,
-            "kv_bytes_per_pos": kv_per_pos,
+            "kv_bytes_per_pos": kv_per_pos, "kv_bytes_per_pos_f16": kv_per_pos // 2,
             "n_layer": config.n_layer, "n_embd": config.n_embd, "n_vocab": config.n_vocab}
 
 
@@ -119,16 +120,18 @@ def _have(*modules):
 
 def availability(peer):
     """None when the peer can run here, else the reason it cannot."""
-    if peer in ("fastattn", "fastattn-f32", "fastattn-q8", "numpy"):
+    if peer in ("fastattn", "fastattn-f32", "fastattn-q8", "fastattn-q8-kv16", "numpy"):
         try:
             if peer != "numpy":
                 import fastattn._engine  # noqa: F401
         except ImportError as e:
             return f"not built ({e})"
-        if peer == "fastattn-q8":
+        if peer in ("fastattn-q8", "fastattn-q8-kv16"):
             from fastattn.model import Transformer
             if "q8" not in getattr(Transformer, "ACTIVATIONS", ()):
                 return "this fastattn has no q8 activation mode"
+            if peer.endswith("kv16") and "f16" not in getattr(Transformer, "KV_CACHES", ()):
+                return "this fastattn has no float16 KV cache"
         return None
     needs = {"llama.cpp": ["llama_cpp"], "llama.cpp-fa": ["llama_cpp"],
              "transformers": ["torch", "transformers"],
@@ -637,23 +640,25 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
                   "  " + ", ".join(f"{b['when']} {b['gb_s']:.1f} GB/s (other load "
                                    f"{b.get('background_cores', 0):.2f})"
                                    for b in bandwidth)]
-        for peer, wbytes in (("fastattn", facts["weight_bytes"]),
-                             ("fastattn-f32", facts["weight_bytes_f32"]),
-                             ("fastattn-q8", facts["weight_bytes"])):
+        kv16 = facts["kv_bytes_per_pos_f16"] * avg_pos  # a float16 cache: half
+        for peer, wbytes, kv_tok in (("fastattn", facts["weight_bytes"], kv),
+                                     ("fastattn-f32", facts["weight_bytes_f32"], kv),
+                                     ("fastattn-q8", facts["weight_bytes"], kv),
+                                     ("fastattn-q8-kv16", facts["weight_bytes"], kv16)):
             around = [b["gb_s"] for b in bandwidth if b["when"].endswith(" " + peer)]
             s = summaries.get(peer, [None])[0]
             if not around or not s:
                 continue
             # the higher reading is the limit: a claimed fraction is then never flattered
             gb_s = max(around)
-            per_token = wbytes + kv
+            per_token = wbytes + kv_tok
             limit = gb_s * 1e9 / per_token
             frac = s["decode_tok_s"] / limit
             frac_low_bw = s["decode_tok_s"] * per_token / (min(around) * 1e9)
             bound[peer] = {"gb_s": gb_s, "bytes_per_token": per_token, "limit_tok_s": limit,
                            "fraction": frac, "fraction_at_lowest_reading": frac_low_bw}
-            lines.append(f"  {peer:<13} reads {wbytes / 1e6:.1f} MB weights + "
-                         f"{kv / 1e6:.1f} MB KV cache per token (mean position "
+            lines.append(f"  {peer:<16} reads {wbytes / 1e6:.1f} MB weights + "
+                         f"{kv_tok / 1e6:.1f} MB KV cache per token (mean position "
                          f"{avg_pos:.0f}); at {gb_s:.1f} GB/s (the higher reading around "
                          f"its run) -> limit {limit:.1f} tok/s; decode at {frac:.0%} of it"
                          + (f" ({frac_low_bw:.0%} at the lower reading)"
@@ -724,6 +729,14 @@ def compute_targets(summaries, bound, numpy_cmp, args):
              speedup("fastattn-q8", "ctranslate2-int8", "prefill_tok_s"), 1.2),
             (f"prefill {n}, q8 activations: fastattn-q8 / llama.cpp",
              speedup("fastattn-q8", "llama.cpp", "prefill_tok_s"), 2.0),
+        ]
+    if "fastattn-q8-kv16" in summaries:
+        # q8 activations and a float16 KV cache: the configuration llama.cpp runs
+        out += [
+            ("Q4_1 decode, q8 + f16 KV cache: fastattn-q8-kv16 / llama.cpp",
+             speedup("fastattn-q8-kv16", "llama.cpp", "decode_tok_s"), 2.0),
+            ("Q4_1 decode, q8 + f16 KV cache: fraction of the bandwidth limit",
+             bound and bound.get("fastattn-q8-kv16", {}).get("fraction"), 0.8),
         ]
     if numpy_cmp:
         out.append((f"{numpy_cmp['n_gen']}-token generation ({numpy_cmp['n_prompt']}-token "

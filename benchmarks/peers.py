@@ -55,12 +55,13 @@ def _fastattn_weights(loaded, f32: bool):
             for name, w in loaded.weights.items()}
 
 
-def fastattn_runner(spec, f32=False, activations=None):
+def fastattn_runner(spec, f32=False, activations=None, kv_cache=None):
     """fastattn's Transformer driven directly: prefill the prompt, then one
     decode per token, argmax in numpy (what Model.generate does at
     temperature 0, minus the sampler and the detokenizer).  activations="q8"
     is the engine's opt-in mode that rounds activations to 8-bit blocks and
-    uses integer dot products (llama.cpp's way; not exact)."""
+    uses integer dot products (llama.cpp's way; not exact); kv_cache="f16"
+    its opt-in float16 KV cache (llama.cpp's default; not exact)."""
     sys.path.insert(0, REPO)
     import fastattn
     from fastattn import _kernels
@@ -69,11 +70,15 @@ def fastattn_runner(spec, f32=False, activations=None):
 
     loaded = load_model_files(spec["model"])
     options = {"activations": activations} if activations else {}
+    if kv_cache:
+        options["kv_cache"] = kv_cache
     model = Transformer(loaded.config, _fastattn_weights(loaded, f32),
                         n_threads=spec["threads"], **options)
     weights = "float32" if f32 else "file (Q4_1 blocks)"
     if activations:
         weights += f", {activations} activations"
+    if kv_cache:
+        weights += f", {kv_cache} KV cache"
     info = {"version": fastattn.__version__, "simd": _kernels.simd_name(),
             "weights": weights, "_keepalive": loaded}
 
@@ -255,6 +260,8 @@ RUNNERS = {
     "fastattn": lambda spec: fastattn_runner(spec),
     "fastattn-f32": lambda spec: fastattn_runner(spec, f32=True),
     "fastattn-q8": lambda spec: fastattn_runner(spec, activations="q8"),
+    "fastattn-q8-kv16": lambda spec: fastattn_runner(spec, activations="q8",
+                                                     kv_cache="f16"),
     "llama.cpp": llamacpp_runner,
     "llama.cpp-fa": lambda spec: llamacpp_runner(spec, flash=True),
     "transformers": transformers_runner,

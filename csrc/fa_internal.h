@@ -59,6 +59,22 @@ typedef struct {
                         float *mx);
     void (*wsum_rows)(float *out, int64_t ldo, const float *p, int64_t ldp, int nr,
                       const float *v, int64_t ldv, const int64_t *n_t, int64_t n);
+    /* The same four over a float16 KV cache (fa_state_init_kv's FA_F16): k and
+     * v hold IEEE halves, each widened to float32 as it is loaded, then the
+     * arithmetic of the float32 kernel above, in its order, so the numbers are
+     * those of the float32 kernel over the widened cache. */
+    float (*scores_f16)(float *score, const float *q, const uint16_t *k, int64_t n_t,
+                        int64_t n, float scale);
+    void (*wsum_f16)(float *out, const float *p, const uint16_t *v, int64_t ldv,
+                     int64_t n_t, int64_t n);
+    void (*scores_rows_f16)(float *score, int64_t lds, const float *const *qrow, int nr,
+                            const uint16_t *k, const int64_t *n_t, int64_t n, float scale,
+                            float *mx);
+    void (*wsum_rows_f16)(float *out, int64_t ldo, const float *p, int64_t ldp, int nr,
+                          const uint16_t *v, int64_t ldv, const int64_t *n_t, int64_t n);
+    /* dst[i] = src[i] rounded to the nearest half, ties to even (fa_f32_to_f16's
+     * bits at every level), i < n */
+    void (*to_f16)(uint16_t *dst, const float *src, int64_t n);
 } fa_kernels;
 
 extern const fa_kernels fa_kernels_generic;
@@ -95,6 +111,33 @@ static inline float fa_f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+}
+
+/* float -> IEEE half, rounded to nearest with ties to even, as F16C's
+ * vcvtps2ph with _MM_FROUND_TO_NEAREST_INT gives it: out of range -> inf,
+ * below half the smallest subnormal -> signed zero, a NaN stays a NaN (made
+ * quiet, the top of its payload kept). */
+static inline uint16_t fa_f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t a = x & 0x7fffffffu;
+    if (a > 0x7f800000u)                     /* nan */
+        return (uint16_t)(sign | 0x7e00 | ((a >> 13) & 0x3ff));
+    if (a >= 0x477ff000u)                    /* >= 65520 (or inf): inf */
+        return (uint16_t)(sign | 0x7c00);
+    if (a >= 0x38800000u) {                  /* a normal half: rebias, round */
+        uint32_t r = a - 0x38000000u;
+        r += 0xfff + ((r >> 13) & 1);
+        return (uint16_t)(sign | (r >> 13));
+    }
+    int e = (int)(a >> 23);                  /* a subnormal half, or zero */
+    if (e < 102) return sign;                /* below 2^-25 */
+    uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    int shift = 126 - e;                     /* 14 .. 24: units of 2^-24 */
+    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1))) q++;
+    return (uint16_t)(sign | q);
 }
 
 /* fa_f16_to_f32 of every half, filled when the library loads.  A block's

@@ -32,6 +32,7 @@
 #include <omp.h>
 #endif
 
+#include "fa_internal.h"
 #include "model.h"
 
 /* ------------------------------------------------------------ barrier */
@@ -165,17 +166,19 @@ void fa_advise_huge(void *p, size_t n) {
 #endif
 }
 
-/* The KV cache: like alloc_floats, but a cache of 2 to HUGE_CACHE_MAX bytes
- * is aligned to 2 MiB and put on huge pages (fa_advise_huge).  A decode reads
- * the whole cache at every step; with 4 KiB pages its chunks keep missing the
- * TLB (benchmarks/stream_decode.c attention, one thread from DRAM: 17 -> 21
- * GB/s).  The cap bounds the cost: a huge page is resident as soon as one
- * position in it is written, so a large cache used for a few positions (a
- * chat session sized to the model's context) would hold memory it does not
- * use; such caches keep small pages. */
+/* The KV cache: a * b * c * d values of es bytes each (4 float32, 2 float16),
+ * or NULL if the byte count overflows or malloc fails.  A cache of 2 to
+ * HUGE_CACHE_MAX bytes (its own byte count, so a float16 cache qualifies up
+ * to twice the positions) is aligned to 2 MiB and put on huge pages
+ * (fa_advise_huge).  A decode reads the whole cache at every step; with
+ * 4 KiB pages its chunks keep missing the TLB (benchmarks/stream_decode.c
+ * attention, one thread from DRAM: 17 -> 21 GB/s).  The cap bounds the cost:
+ * a huge page is resident as soon as one position in it is written, so a
+ * large cache used for a few positions (a chat session sized to the model's
+ * context) would hold memory it does not use; such caches keep small pages. */
 #define HUGE_CACHE_MAX ((size_t)32 << 20)
-static float *alloc_cache(int64_t a, int64_t b, int64_t c, int64_t d) {
-    size_t n = sizeof(float);
+static void *alloc_cache(size_t es, int64_t a, int64_t b, int64_t c, int64_t d) {
+    size_t n = es;
     int64_t dims[4] = {a, b, c, d};
     for (int i = 0; i < 4; i++) {
         if (dims[i] <= 0 || __builtin_mul_overflow(n, (size_t)dims[i], &n)) return NULL;
@@ -192,9 +195,20 @@ static float *alloc_cache(int64_t a, int64_t b, int64_t c, int64_t d) {
 }
 
 int fa_state_init(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chunk) {
+    return fa_state_init_kv(s, m, n_ctx, max_chunk, FA_F32);
+}
+
+/* Bytes of one cache value, 0 for a type the cache cannot hold. */
+static size_t kv_bytes(int kv_type) {
+    return kv_type == FA_F32 ? sizeof(float) : kv_type == FA_F16 ? sizeof(uint16_t) : 0;
+}
+
+int fa_state_init_kv(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chunk,
+                     int kv_type) {
     if (!s) return FA_ERR_ARG;
     memset(s, 0, sizeof(*s));
-    if (fa_model_check(m) != FA_OK || n_ctx <= 0 || n_ctx > m->n_ctx || max_chunk <= 0)
+    if (fa_model_check(m) != FA_OK || n_ctx <= 0 || n_ctx > m->n_ctx || max_chunk <= 0
+        || kv_bytes(kv_type) == 0)
         return FA_ERR_ARG;
 
     const int64_t E = m->n_embd, Ekv = m->n_kv_head * m->head_dim, F = m->n_ff;
@@ -205,10 +219,12 @@ int fa_state_init(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chu
     s->n_embd = E;
     s->n_ctx = n_ctx;
     s->max_chunk = chunk;
+    s->kv_type = kv_type;
 
     /* the cache: [n_layer][n_kv_head][n_ctx][head_dim] each for K and V */
-    s->k_cache = alloc_cache(m->n_layer, m->n_kv_head, n_ctx, m->head_dim);
-    s->v_cache = alloc_cache(m->n_layer, m->n_kv_head, n_ctx, m->head_dim);
+    const size_t es = kv_bytes(kv_type);
+    s->k_cache = alloc_cache(es, m->n_layer, m->n_kv_head, n_ctx, m->head_dim);
+    s->v_cache = alloc_cache(es, m->n_layer, m->n_kv_head, n_ctx, m->head_dim);
 
     /* scratch for one chunk of tokens */
     s->x = alloc_floats(chunk, E, 1, 1);
@@ -342,7 +358,7 @@ static void add_bias(float *x, const float *b, int64_t n) {
 typedef struct {
     float *q, *k, *v;         /* the products */
     int64_t ldq, ldk, ldv;    /* their row strides */
-    float *k_cache, *v_cache; /* this layer's */
+    void *k_cache, *v_cache;  /* this layer's, of s->kv_type */
     const float *bq, *bk, *bv;
     int64_t pos0;
 } head_io;
@@ -357,22 +373,37 @@ static void q_head(const fa_model *m, fa_state *s, const head_io *io, int64_t t,
         memcpy(s->q + t * m->n_embd + h * hd, qh, sizeof(float) * (size_t)hd);
 }
 
+/* Head h of token t into its cache row: copied (float32), or rounded to
+ * halves (float16) by the level's F16C converter, whose bits the generic
+ * converter matches.
+ *
+ * Known shortcoming: a float16 cache holds magnitudes up to 65504 only; a
+ * key or value beyond that is stored as inf and its head's attention output
+ * turns NaN, with no error.  Nothing checks or clamps (llama.cpp's f16 cache
+ * does neither); the keys and values of the models tried stay far below. */
+static void cache_row(const fa_state *s, void *cache, const float *x, int64_t t, int64_t h,
+                      int64_t pos0, int64_t hd) {
+    const size_t at = (size_t)(h * s->n_ctx + pos0 + t) * (size_t)hd;
+    if (s->kv_type == FA_F16)
+        fa_kernels_current()->to_f16((uint16_t *)cache + at, x, hd);
+    else
+        memcpy((float *)cache + at, x, sizeof(float) * (size_t)hd);
+}
+
 static void k_head(const fa_model *m, fa_state *s, const head_io *io, int64_t t, int64_t h) {
     const int64_t hd = m->head_dim;
     float *kh = io->k + t * io->ldk + h * hd;
     if (io->bk) add_bias(kh, io->bk + h * hd, hd);
     if (m->family == FA_LLAMA)
         rope_head(kh, s->rope_cs + t * hd, (int)hd, m->rope_neox);
-    memcpy(io->k_cache + (size_t)(h * s->n_ctx + io->pos0 + t) * (size_t)hd, kh,
-           sizeof(float) * (size_t)hd);
+    cache_row(s, io->k_cache, kh, t, h, io->pos0, hd);
 }
 
 static void v_head(const fa_model *m, fa_state *s, const head_io *io, int64_t t, int64_t h) {
     const int64_t hd = m->head_dim;
     float *vh = io->v + t * io->ldv + h * hd;
     if (io->bv) add_bias(vh, io->bv + h * hd, hd);
-    memcpy(io->v_cache + (size_t)(h * s->n_ctx + io->pos0 + t) * (size_t)hd, vh,
-           sizeof(float) * (size_t)hd);
+    cache_row(s, io->v_cache, vh, t, h, io->pos0, hd);
 }
 
 /* Thread ith's even share of the n * (n_head + n_kv_head) (token, head)
@@ -549,6 +580,7 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
     const int ith = tm->ith, nth = tm->nth;
     const int64_t E = m->n_embd, Ekv = m->n_kv_head * m->head_dim, F = m->n_ff;
     const int64_t layer_cache = m->n_kv_head * s->n_ctx * m->head_dim;
+    const size_t kv_es = kv_bytes(s->kv_type);
     const int gpt2 = m->family == FA_GPT2;
     int64_t t0, t1;  /* this thread's token rows */
     share(n, ith, nth, &t0, &t1);
@@ -574,8 +606,8 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
     for (int64_t l = 0; l < m->n_layer; l++) {
         const fa_layer *L = &m->layers[l];
         head_io io;
-        io.k_cache = s->k_cache + l * layer_cache;
-        io.v_cache = s->v_cache + l * layer_cache;
+        io.k_cache = (char *)s->k_cache + (size_t)(l * layer_cache) * kv_es;
+        io.v_cache = (char *)s->v_cache + (size_t)(l * layer_cache) * kv_es;
         io.pos0 = pos0;
 
         /* attention: q, k, v; biases, positions, cache; softmax(q k^T / sqrt(hd)) v */
@@ -604,16 +636,16 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
         if (own) {
             /* (query, KV head, key chunk) units, even over the threads; then
              * every thread merges every head into its own copy */
-            fa_attention_chunks(s->q, io.k_cache, io.v_cache, s->att_part, n, pos0,
-                                (int)m->n_head, (int)m->n_kv_head, (int)m->head_dim,
-                                s->n_ctx, ith, nth);
+            fa_attention_chunks_kv(s->q, io.k_cache, io.v_cache, s->kv_type, s->att_part, n,
+                                   pos0, (int)m->n_head, (int)m->n_kv_head,
+                                   (int)m->head_dim, s->n_ctx, ith, nth);
             BARRIER
             fa_attention_merge(s->att_part, att, n, pos0, (int)m->n_head, (int)m->head_dim,
                                s->n_ctx, 0, (int)m->n_head, att + s->own_rows * E);
         } else {
-            fa_attention(s->q, io.k_cache, io.v_cache, att, n, pos0, (int)m->n_head,
-                         (int)m->n_kv_head, (int)m->head_dim, s->n_ctx, s->att_scratch,
-                         ith, nth);                                   /* -> [n, E] */
+            fa_attention_kv(s->q, io.k_cache, io.v_cache, s->kv_type, att, n, pos0,
+                            (int)m->n_head, (int)m->n_kv_head, (int)m->head_dim, s->n_ctx,
+                            ith, nth);                                /* -> [n, E] */
             BARRIER
         }
         fa_matmul_act(m->act, &L->attn_output, att, y, n, ith, nth);            /* -> [n, E] */
@@ -665,7 +697,8 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
 int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq,
                float *logits, int all_logits, int n_threads) {
     /* check everything we are about to trust */
-    if (!m || !s || !ids || !logits || n_seq <= 0 || !m->layers || !s->k_cache)
+    if (!m || !s || !ids || !logits || n_seq <= 0 || !m->layers || !s->k_cache
+        || kv_bytes(s->kv_type) == 0)
         return FA_ERR_ARG;
     if (s->n_layer != m->n_layer || s->n_kv_head != m->n_kv_head
         || s->head_dim != m->head_dim || s->n_embd != m->n_embd || s->n_ctx > m->n_ctx

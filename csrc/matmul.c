@@ -100,14 +100,18 @@ GENERIC_DOT(generic_dot_q8_0, FA_Q8_0)
 GENERIC_DOT(generic_dot_q4_0, FA_Q4_0)
 GENERIC_DOT(generic_dot_q4_1, FA_Q4_1)
 
-/* Attention's inner loops over one head (see fa_kernels). */
-static float generic_scores(float *score, const float *q, const float *k, int64_t n_t,
-                            int64_t n, float scale) {
+/* Attention's inner loops over one head (see fa_kernels), over a float32 or
+ * (f16) a float16 cache: element i of k or v, widened exactly to float32. */
+static inline float kv_at(const void *p, int f16, int64_t i) {
+    return f16 ? fa_f16_table[((const uint16_t *)p)[i]] : ((const float *)p)[i];
+}
+
+static inline float scores_any(float *score, const float *q, const void *k, int f16,
+                               int64_t n_t, int64_t n, float scale) {
     float mx = -INFINITY;
     for (int64_t t = 0; t < n_t; t++) {
-        const float *kt = k + t * n;
         float acc[8] = {0};
-        for (int64_t i = 0; i < n; i++) acc[i & 7] += q[i] * kt[i];
+        for (int64_t i = 0; i < n; i++) acc[i & 7] += q[i] * kv_at(k, f16, t * n + i);
         score[t] = scale * (((acc[0] + acc[1]) + (acc[2] + acc[3]))
                             + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
         if (score[t] > mx) mx = score[t];
@@ -115,11 +119,35 @@ static float generic_scores(float *score, const float *q, const float *k, int64_
     return mx;
 }
 
-static void generic_wsum(float *out, const float *p, const float *v, int64_t ldv,
-                         int64_t n_t, int64_t n) {
+static inline void wsum_any(float *out, const float *p, const void *v, int f16,
+                            int64_t ldv, int64_t n_t, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = 0.0f;
     for (int64_t t = 0; t < n_t; t++)
-        for (int64_t i = 0; i < n; i++) out[i] += p[t] * v[t * ldv + i];
+        for (int64_t i = 0; i < n; i++) out[i] += p[t] * kv_at(v, f16, t * ldv + i);
+}
+
+static float generic_scores(float *score, const float *q, const float *k, int64_t n_t,
+                            int64_t n, float scale) {
+    return scores_any(score, q, k, 0, n_t, n, scale);
+}
+
+static float generic_scores_f16(float *score, const float *q, const uint16_t *k,
+                                int64_t n_t, int64_t n, float scale) {
+    return scores_any(score, q, k, 1, n_t, n, scale);
+}
+
+static void generic_wsum(float *out, const float *p, const float *v, int64_t ldv,
+                         int64_t n_t, int64_t n) {
+    wsum_any(out, p, v, 0, ldv, n_t, n);
+}
+
+static void generic_wsum_f16(float *out, const float *p, const uint16_t *v, int64_t ldv,
+                             int64_t n_t, int64_t n) {
+    wsum_any(out, p, v, 1, ldv, n_t, n);
+}
+
+static void generic_to_f16(uint16_t *dst, const float *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = fa_f32_to_f16(src[i]);
 }
 
 static float generic_softmax_exp(float *score, int64_t n_t, float mx) {
@@ -151,6 +179,8 @@ const fa_kernels fa_kernels_generic = {
     generic_dot_q8_0, generic_dot_q4_0, generic_dot_q4_1,
     FA_MAX_ROWS, generic_scores, generic_wsum, generic_softmax_exp,
     generic_swiglu, generic_gelu,
+    NULL, NULL,
+    generic_scores_f16, generic_wsum_f16, NULL, NULL, generic_to_f16,
 };
 
 /* ---------------------------------------------------------------- driver */

@@ -73,7 +73,8 @@ typedef struct {
     int64_t n_ctx;             /* positions the cache holds */
     int64_t n_past;            /* positions filled */
     int64_t max_chunk;         /* tokens per pass through the layers */
-    float *k_cache, *v_cache;  /* [n_layer][n_kv_head][n_ctx][head_dim] */
+    int kv_type;               /* the cache's values: FA_F32 (exact, default) or FA_F16 */
+    void *k_cache, *v_cache;   /* [n_layer][n_kv_head][n_ctx][head_dim] of kv_type */
 
     /* scratch, [max_chunk, width] each */
     float *x;                  /* residual stream [., n_embd] */
@@ -116,6 +117,17 @@ typedef struct {
 void fa_attention_chunks(const float *q, const float *k, const float *v, float *part,
                          int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
                          int head_dim, int64_t n_ctx, int ith, int nth);
+/* fa_attention and fa_attention_chunks over a cache of kv_type: FA_F32
+ * (k, v float) or FA_F16 (k, v IEEE half, each widened to float32 as it is
+ * loaded, then the float32 arithmetic: the numbers of the float32 call over
+ * the widened cache).  fa_attention(...) is fa_attention_kv(..., FA_F32, ...)
+ * (it takes no scratch), and the same for the chunks. */
+void fa_attention_kv(const float *q, const void *k, const void *v, int kv_type, float *out,
+                     int64_t n_seq, int64_t pos0, int n_head, int n_kv_head, int head_dim,
+                     int64_t n_ctx, int ith, int nth);
+void fa_attention_chunks_kv(const float *q, const void *k, const void *v, int kv_type,
+                            float *part, int64_t n_seq, int64_t pos0, int n_head,
+                            int n_kv_head, int head_dim, int64_t n_ctx, int ith, int nth);
 void fa_attention_merge(const float *part, float *out, int64_t n_seq, int64_t pos0,
                         int n_head, int head_dim, int64_t n_ctx, int h0, int h1,
                         float *acc);
@@ -124,9 +136,20 @@ void fa_attention_merge(const float *part, float *out, int64_t n_seq, int64_t po
 int fa_model_check(const fa_model *m);
 
 /* Allocate a state for up to n_ctx positions (n_ctx <= m->n_ctx) that runs
- * prompts in chunks of at most max_chunk tokens.  Returns FA_OK, FA_ERR_ARG
- * or FA_ERR_NOMEM; on failure nothing stays allocated. */
+ * prompts in chunks of at most max_chunk tokens, its KV cache float32.
+ * Returns FA_OK, FA_ERR_ARG or FA_ERR_NOMEM; on failure nothing stays
+ * allocated. */
 int fa_state_init(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chunk);
+
+/* The same with a KV cache of kv_type: FA_F32 (fa_state_init) or FA_F16, an
+ * opt-in cache of half the bytes.  FA_F16 is not exact: each key and value is
+ * rounded to the nearest half (ties to even; about 3 significant digits, range
+ * +-65504) as it is written; attention then reads it widened to float32 and
+ * does the float32 cache's arithmetic, so every promise of the forward pass
+ * (prefill + decode == one forward, any thread count or chunking) holds for
+ * it too.  Another kv_type is FA_ERR_ARG. */
+int fa_state_init_kv(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chunk,
+                     int kv_type);
 void fa_state_free(fa_state *s);
 
 /* Run ids[0 .. n_seq) at positions n_past .. n_past + n_seq - 1, append their

@@ -198,57 +198,81 @@ _Static_assert(ATT_ROWS >= ATT_GROUP, "a decode unit's heads are one block of ro
  * kernels give it, so neither the block nor its size changes a number; a
  * level without them runs the one-row kernels row by row. */
 
+/* The cache's storage type: float32 (f16 = 0) or IEEE half (f16 = 1), whose
+ * kernels widen each value as they load it and then compute what the float32
+ * ones compute (fa_kernels), so everything below holds for both.  k and v
+ * are then `const void *`; kv_ptr finds element i. */
+static inline const void *kv_ptr(const void *base, int f16, int64_t i) {
+    return (const char *)base + i * (f16 ? 2 : 4);
+}
+
 /* Scores and weighted sums of nr query rows over one chunk of keys, row r
  * reading its first c[r] keys of kc, vc [.., head_dim]: scores_rows and
  * wsum_rows where the level has them, else scores / wsum row by row (the
  * same numbers either way).  score: nr rows of ATT_CHUNK floats. */
-static void rows_scores(const fa_kernels *kern, float *score, const float *const *qrow,
-                        int nr, const float *kc, const int64_t *c, int head_dim,
-                        float scale, float *mx) {
-    if (kern->scores_rows) {
+static void rows_scores(const fa_kernels *kern, int f16, float *score,
+                        const float *const *qrow, int nr, const void *kc, const int64_t *c,
+                        int head_dim, float scale, float *mx) {
+    if (f16 && kern->scores_rows_f16) {
+        kern->scores_rows_f16(score, ATT_CHUNK, qrow, nr, kc, c, head_dim, scale, mx);
+        return;
+    }
+    if (!f16 && kern->scores_rows) {
         kern->scores_rows(score, ATT_CHUNK, qrow, nr, kc, c, head_dim, scale, mx);
         return;
     }
-    for (int r = 0; r < nr; r++)
-        mx[r] = kern->scores(score + r * ATT_CHUNK, qrow[r], kc, c[r], head_dim, scale);
+    for (int r = 0; r < nr; r++) {
+        float *sr = score + r * ATT_CHUNK;
+        mx[r] = f16 ? kern->scores_f16(sr, qrow[r], kc, c[r], head_dim, scale)
+                    : kern->scores(sr, qrow[r], kc, c[r], head_dim, scale);
+    }
 }
 
-static void rows_wsum(const fa_kernels *kern, float *out, int64_t ldo, const float *p,
-                      int nr, const float *vc, const int64_t *c, int head_dim) {
-    if (kern->wsum_rows) {
+static void rows_wsum(const fa_kernels *kern, int f16, float *out, int64_t ldo,
+                      const float *p, int nr, const void *vc, const int64_t *c,
+                      int head_dim) {
+    if (f16 && kern->wsum_rows_f16) {
+        kern->wsum_rows_f16(out, ldo, p, ATT_CHUNK, nr, vc, head_dim, c, head_dim);
+        return;
+    }
+    if (!f16 && kern->wsum_rows) {
         kern->wsum_rows(out, ldo, p, ATT_CHUNK, nr, vc, head_dim, c, head_dim);
         return;
     }
-    for (int r = 0; r < nr; r++)
-        kern->wsum(out + r * ldo, p + r * ATT_CHUNK, vc, head_dim, c[r], head_dim);
+    for (int r = 0; r < nr; r++) {
+        if (f16)
+            kern->wsum_f16(out + r * ldo, p + r * ATT_CHUNK, vc, head_dim, c[r], head_dim);
+        else
+            kern->wsum(out + r * ldo, p + r * ATT_CHUNK, vc, head_dim, c[r], head_dim);
+    }
 }
 
 /* The partial states of nr query rows (all reading one KV head) over one
  * chunk of keys kc, vc, row r over its first c[r] keys: row r's state at
  * part + r * ld is o [head_dim], then m, then l (FA_ATT_PART(head_dim) floats). */
-__attribute__((noinline)) static void chunk_partial_rows(const fa_kernels *kern,
+__attribute__((noinline)) static void chunk_partial_rows(const fa_kernels *kern, int f16,
                                                          const float *const *qrow, int nr,
-                                                         const float *kc, const float *vc,
+                                                         const void *kc, const void *vc,
                                                          const int64_t *c, int head_dim,
                                                          float scale, float *part,
                                                          int64_t ld) {
     float score[ATT_ROWS * ATT_CHUNK];
     float chunk_max[ATT_ROWS];
     /* every row's scores first: one pass over the K chunk */
-    rows_scores(kern, score, qrow, nr, kc, c, head_dim, scale, chunk_max);
+    rows_scores(kern, f16, score, qrow, nr, kc, c, head_dim, scale, chunk_max);
     for (int r = 0; r < nr; r++) {
         float *pr = part + r * ld;
         pr[head_dim] = chunk_max[r];
         pr[head_dim + 1] = kern->softmax_exp(score + r * ATT_CHUNK, c[r], chunk_max[r]);
     }
     /* then every row's weighted values: one pass over the V chunk */
-    rows_wsum(kern, part, ld, score, nr, vc, c, head_dim);
+    rows_wsum(kern, f16, part, ld, score, nr, vc, c, head_dim);
 }
 
 /* The same for the n_h query heads q [n_h, head_dim] of one query, all over
  * the c keys of the chunk (the decode's unit). */
-static void chunk_partial(const fa_kernels *kern, const float *q, const float *kc,
-                          const float *vc, int64_t c, int n_h, int head_dim, float scale,
+static void chunk_partial(const fa_kernels *kern, int f16, const float *q, const void *kc,
+                          const void *vc, int64_t c, int n_h, int head_dim, float scale,
                           float *part, int64_t ld) {
     const float *qrow[ATT_GROUP];
     int64_t cr[ATT_GROUP];
@@ -256,7 +280,7 @@ static void chunk_partial(const fa_kernels *kern, const float *q, const float *k
         qrow[g] = q + (int64_t)g * head_dim;
         cr[g] = c;
     }
-    chunk_partial_rows(kern, qrow, n_h, kc, vc, cr, head_dim, scale, part, ld);
+    chunk_partial_rows(kern, f16, qrow, n_h, kc, vc, cr, head_dim, scale, part, ld);
 }
 
 /* acc := acc merged with the next chunk's state p (both FA_ATT_PART floats). */
@@ -293,8 +317,8 @@ __attribute__((noinline)) static void finish_partial(const float *acc, float *ou
  * the largest part of attention; the rows of a block's last chunk end at
  * different keys and take per-row branches; only the AVX-512 level has
  * rows kernels (AVX2 and generic run their one-row kernels row by row). */
-static void attend_block(const fa_kernels *kern, const float *q, const float *kh,
-                         const float *vh, float *out, int64_t row, int nq, int n_h,
+static void attend_block(const fa_kernels *kern, int f16, const float *q, const void *kh,
+                         const void *vh, float *out, int64_t row, int nq, int n_h,
                          int head_dim, int64_t n_t, float scale, float *acc, float *part) {
     const int64_t np = FA_ATT_PART(head_dim);
     const int nr = nq * n_h;
@@ -311,8 +335,9 @@ static void attend_block(const fa_kernels *kern, const float *q, const float *kh
             int64_t len = n_t + j - t0 < ATT_CHUNK ? n_t + j - t0 : ATT_CHUNK;
             for (int g = 0; g < n_h; g++) c[j * n_h + g] = len;
         }
-        chunk_partial_rows(kern, qrow + r0, nr - r0, kh + t0 * head_dim, vh + t0 * head_dim,
-                           c + r0, head_dim, scale, (t0 == 0 ? acc : part) + r0 * np, np);
+        chunk_partial_rows(kern, f16, qrow + r0, nr - r0, kv_ptr(kh, f16, t0 * head_dim),
+                           kv_ptr(vh, f16, t0 * head_dim), c + r0, head_dim, scale,
+                           (t0 == 0 ? acc : part) + r0 * np, np);
         if (t0 > 0)
             for (int r = r0; r < nr; r++) merge_partial(acc + r * np, part + r * np, head_dim);
     }
@@ -322,21 +347,31 @@ static void attend_block(const fa_kernels *kern, const float *q, const float *kh
                            head_dim);
 }
 
-static int attention_args_ok(const float *q, const float *k, const float *v, int64_t n_seq,
-                             int64_t pos0, int n_head, int n_kv_head, int head_dim,
-                             int64_t n_ctx, int ith, int nth) {
-    return q && k && v && n_seq > 0 && pos0 >= 0 && n_head > 0 && n_kv_head > 0
-           && n_head % n_kv_head == 0 && head_dim > 0 && n_ctx > 0 && pos0 + n_seq <= n_ctx
-           && nth >= 1 && ith >= 0 && ith < nth;
+static int attention_args_ok(const float *q, const void *k, const void *v, int kv_type,
+                             int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
+                             int head_dim, int64_t n_ctx, int ith, int nth) {
+    return q && k && v && (kv_type == FA_F32 || kv_type == FA_F16) && n_seq > 0
+           && pos0 >= 0 && n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0
+           && head_dim > 0 && n_ctx > 0 && pos0 + n_seq <= n_ctx && nth >= 1 && ith >= 0
+           && ith < nth;
 }
 
 void fa_attention(const float *q, const float *k, const float *v, float *out,
                   int64_t n_seq, int64_t pos0, int n_head, int n_kv_head, int head_dim,
                   int64_t n_ctx, float *scratch, int ith, int nth) {
-    if (!out || !scratch
-        || !attention_args_ok(q, k, v, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx,
-                              ith, nth))
+    if (!scratch) return;
+    fa_attention_kv(q, k, v, FA_F32, out, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx,
+                    ith, nth);
+}
+
+void fa_attention_kv(const float *q, const void *k, const void *v, int kv_type, float *out,
+                     int64_t n_seq, int64_t pos0, int n_head, int n_kv_head, int head_dim,
+                     int64_t n_ctx, int ith, int nth) {
+    if (!out
+        || !attention_args_ok(q, k, v, kv_type, n_seq, pos0, n_head, n_kv_head, head_dim,
+                              n_ctx, ith, nth))
         return;
+    const int f16 = kv_type == FA_F16;
     /* scratch is part of the contract but no longer needed: scores and
      * partial states live on the stack, or in malloc'd memory for heads wider
      * than FA_ATT_STACK_DIM */
@@ -396,15 +431,15 @@ void fa_attention(const float *q, const float *k, const float *v, float *out,
         int kv = sub / n_sub;
         int h0 = kv * group + (sub % n_sub) * per_unit;
         int n_h = kv * group + group - h0 < per_unit ? kv * group + group - h0 : per_unit;
-        const float *kh = k + (int64_t)kv * n_ctx * head_dim;
-        const float *vh = v + (int64_t)kv * n_ctx * head_dim;
+        const void *kh = kv_ptr(k, f16, (int64_t)kv * n_ctx * head_dim);
+        const void *vh = kv_ptr(v, f16, (int64_t)kv * n_ctx * head_dim);
         if (!states) {  /* no memory for the states: NaN, never a stale output */
             for (int j = 0; j < nq; j++)
                 for (int64_t i = 0; i < (int64_t)n_h * head_dim; i++)
                     out[(s + j) * row + (int64_t)h0 * head_dim + i] = NAN;
             continue;
         }
-        attend_block(kern, q + s * row + (int64_t)h0 * head_dim, kh, vh,
+        attend_block(kern, f16, q + s * row + (int64_t)h0 * head_dim, kh, vh,
                      out + s * row + (int64_t)h0 * head_dim, row, nq, n_h, head_dim,
                      pos0 + s + 1, scale, acc, part);
     }
@@ -416,10 +451,18 @@ void fa_attention(const float *q, const float *k, const float *v, float *out,
 void fa_attention_chunks(const float *q, const float *k, const float *v, float *part,
                          int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
                          int head_dim, int64_t n_ctx, int ith, int nth) {
+    fa_attention_chunks_kv(q, k, v, FA_F32, part, n_seq, pos0, n_head, n_kv_head, head_dim,
+                           n_ctx, ith, nth);
+}
+
+void fa_attention_chunks_kv(const float *q, const void *k, const void *v, int kv_type,
+                            float *part, int64_t n_seq, int64_t pos0, int n_head,
+                            int n_kv_head, int head_dim, int64_t n_ctx, int ith, int nth) {
     if (!part
-        || !attention_args_ok(q, k, v, n_seq, pos0, n_head, n_kv_head, head_dim, n_ctx,
-                              ith, nth))
+        || !attention_args_ok(q, k, v, kv_type, n_seq, pos0, n_head, n_kv_head, head_dim,
+                              n_ctx, ith, nth))
         return;
+    const int f16 = kv_type == FA_F16;
     const fa_kernels *kern = fa_kernels_current();
     const int group = n_head / n_kv_head;
     const int64_t row = (int64_t)n_head * head_dim, np = FA_ATT_PART(head_dim);
@@ -445,8 +488,8 @@ void fa_attention_chunks(const float *q, const float *k, const float *v, float *
             for (int g0 = 0; g0 < group; g0 += ATT_GROUP) {
                 int n_h = group - g0 < ATT_GROUP ? group - g0 : ATT_GROUP;
                 const int64_t at = kv * n_ctx * head_dim + t0 * head_dim;
-                chunk_partial(kern, q + s * row + (int64_t)(h0 + g0) * head_dim, k + at,
-                              v + at, len, n_h, head_dim, scale,
+                chunk_partial(kern, f16, q + s * row + (int64_t)(h0 + g0) * head_dim,
+                              kv_ptr(k, f16, at), kv_ptr(v, f16, at), len, n_h, head_dim, scale,
                               part + ((s * n_head + h0 + g0) * max_chunks + c) * np,
                               max_chunks * np);
             }

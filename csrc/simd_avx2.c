@@ -174,34 +174,49 @@ INL __m128 hsum_x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+/* 8 cache values from element i of a float32 or (f16) float16 row, widened:
+ * the f16 kernels below are the f32 ones with this load. */
+INL __m256 load_kv(const void *p, int f16, int64_t i) {
+    if (!f16) return _mm256_loadu_ps((const float *)p + i);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+}
+
+/* The same for elements i .. i + rem - 1 (rem clamped to 0 .. 8), the rest 0. */
+INL __m256 load_kv_part(const void *p, int f16, int64_t i, int64_t rem) {
+    if (!f16) return _mm256_maskload_ps((const float *)p + i, tail_mask(rem));
+    uint16_t tmp[8] = {0};  /* half 0 widens to 0.0f, as maskload's empty lanes */
+    for (int64_t j = 0; j < rem && j < 8; j++) tmp[j] = ((const uint16_t *)p)[i + j];
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp));
+}
+
 /* Scores of four keys at a time, so one reduction tree serves four dot
  * products; past the last key the group repeats key n_t - 1 and drops those
  * results, so every score is computed the same way wherever it falls. */
-T256 static float avx2_scores(float *score, const float *q, const float *k, int64_t n_t,
-                             int64_t n, float scale) {
+INL float scores_any(float *score, const float *q, const void *k, const int f16,
+                     int64_t n_t, int64_t n, float scale) {
     const __m128 vscale = _mm_set1_ps(scale);
     __m128 vmax = _mm_set1_ps(-INFINITY);  /* repeated keys past the end change no max */
     for (int64_t t = 0; t < n_t; t += 4) {
-        const float *k0 = k + t * n;
-        const float *k1 = k + (t + 1 < n_t ? t + 1 : n_t - 1) * n;
-        const float *k2 = k + (t + 2 < n_t ? t + 2 : n_t - 1) * n;
-        const float *k3 = k + (t + 3 < n_t ? t + 3 : n_t - 1) * n;
+        const int64_t k0 = t * n;
+        const int64_t k1 = (t + 1 < n_t ? t + 1 : n_t - 1) * n;
+        const int64_t k2 = (t + 2 < n_t ? t + 2 : n_t - 1) * n;
+        const int64_t k3 = (t + 3 < n_t ? t + 3 : n_t - 1) * n;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         int64_t i = 0;
         for (; i + 8 <= n; i += 8) {
             __m256 qv = _mm256_loadu_ps(q + i);
-            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+            a0 = _mm256_fmadd_ps(qv, load_kv(k, f16, k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qv, load_kv(k, f16, k1 + i), a1);
+            a2 = _mm256_fmadd_ps(qv, load_kv(k, f16, k2 + i), a2);
+            a3 = _mm256_fmadd_ps(qv, load_kv(k, f16, k3 + i), a3);
         }
         if (i < n) {
             __m256i m = tail_mask(n - i);
             __m256 qv = _mm256_maskload_ps(q + i, m);
-            a0 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + i, m), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k1 + i, m), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k2 + i, m), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k3 + i, m), a3);
+            a0 = _mm256_fmadd_ps(qv, load_kv_part(k, f16, k0 + i, n - i), a0);
+            a1 = _mm256_fmadd_ps(qv, load_kv_part(k, f16, k1 + i, n - i), a1);
+            a2 = _mm256_fmadd_ps(qv, load_kv_part(k, f16, k2 + i, n - i), a2);
+            a3 = _mm256_fmadd_ps(qv, load_kv_part(k, f16, k3 + i, n - i), a3);
         }
         __m128 sc = _mm_mul_ps(vscale, hsum_x4(a0, a1, a2, a3));
         vmax = _mm_max_ps(vmax, sc);
@@ -219,29 +234,29 @@ T256 static float avx2_scores(float *score, const float *q, const float *k, int6
 }
 
 /* out[i] = sum_t p[t] v[t, i], 32 columns at a time held in registers. */
-T256 static void avx2_wsum(float *out, const float *p, const float *v, int64_t ldv,
-                           int64_t n_t, int64_t n) {
+INL void wsum_any(float *out, const float *p, const void *v, const int f16, int64_t ldv,
+                  int64_t n_t, int64_t n) {
     for (int64_t i0 = 0; i0 < n; i0 += 32) {
         __m256i m0 = tail_mask(n - i0), m1 = tail_mask(n - i0 - 8);
         __m256i m2 = tail_mask(n - i0 - 16), m3 = tail_mask(n - i0 - 24);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         if (n - i0 >= 32) {
             for (int64_t t = 0; t < n_t; t++) {
-                const float *vt = v + t * ldv + i0;
+                const int64_t vt = t * ldv + i0;
                 __m256 pt = _mm256_set1_ps(p[t]);
-                a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt), a0);
-                a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8), a1);
-                a2 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 16), a2);
-                a3 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 24), a3);
+                a0 = _mm256_fmadd_ps(pt, load_kv(v, f16, vt), a0);
+                a1 = _mm256_fmadd_ps(pt, load_kv(v, f16, vt + 8), a1);
+                a2 = _mm256_fmadd_ps(pt, load_kv(v, f16, vt + 16), a2);
+                a3 = _mm256_fmadd_ps(pt, load_kv(v, f16, vt + 24), a3);
             }
         } else {
             for (int64_t t = 0; t < n_t; t++) {
-                const float *vt = v + t * ldv + i0;
+                const int64_t vt = t * ldv + i0;
                 __m256 pt = _mm256_set1_ps(p[t]);
-                a0 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt, m0), a0);
-                a1 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt + 8, m1), a1);
-                a2 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt + 16, m2), a2);
-                a3 = _mm256_fmadd_ps(pt, _mm256_maskload_ps(vt + 24, m3), a3);
+                a0 = _mm256_fmadd_ps(pt, load_kv_part(v, f16, vt, n - i0), a0);
+                a1 = _mm256_fmadd_ps(pt, load_kv_part(v, f16, vt + 8, n - i0 - 8), a1);
+                a2 = _mm256_fmadd_ps(pt, load_kv_part(v, f16, vt + 16, n - i0 - 16), a2);
+                a3 = _mm256_fmadd_ps(pt, load_kv_part(v, f16, vt + 24, n - i0 - 24), a3);
             }
         }
         _mm256_maskstore_ps(out + i0, m0, a0);
@@ -249,6 +264,37 @@ T256 static void avx2_wsum(float *out, const float *p, const float *v, int64_t l
         _mm256_maskstore_ps(out + i0 + 16, m2, a2);
         _mm256_maskstore_ps(out + i0 + 24, m3, a3);
     }
+}
+
+T256 static float avx2_scores(float *score, const float *q, const float *k, int64_t n_t,
+                              int64_t n, float scale) {
+    return scores_any(score, q, k, 0, n_t, n, scale);
+}
+
+T256 static float avx2_scores_f16(float *score, const float *q, const uint16_t *k,
+                                  int64_t n_t, int64_t n, float scale) {
+    return scores_any(score, q, k, 1, n_t, n, scale);
+}
+
+T256 static void avx2_wsum(float *out, const float *p, const float *v, int64_t ldv,
+                           int64_t n_t, int64_t n) {
+    wsum_any(out, p, v, 0, ldv, n_t, n);
+}
+
+T256 static void avx2_wsum_f16(float *out, const float *p, const uint16_t *v, int64_t ldv,
+                               int64_t n_t, int64_t n) {
+    wsum_any(out, p, v, 1, ldv, n_t, n);
+}
+
+/* Rounded to nearest even by F16C, 8 at a time; the tail one by one. */
+T256 static void avx2_to_f16(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++)
+        dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
 /* exp(x): x = n ln2 + r, exp(r) by Cephes' expf polynomial, 2^n built in
@@ -339,6 +385,8 @@ const fa_kernels fa_kernels_avx2 = {
     avx2_dot_q8_0, avx2_dot_q4_0, avx2_dot_q4_1,
     AVX2_ROWS, avx2_scores, avx2_wsum, avx2_softmax_exp,
     avx2_swiglu, avx2_gelu,
+    NULL, NULL,
+    avx2_scores_f16, avx2_wsum_f16, NULL, NULL, avx2_to_f16,
 };
 
 #else  /* not x86-64 with GCC-style intrinsics: never selected by dispatch.c */

@@ -203,27 +203,34 @@ INL __m128 hsum_x4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+/* 16 cache values from element i of a float32 or (f16) float16 row, lanes
+ * outside m 0, widened: the f16 kernels below are the f32 ones with this load. */
+INL __m512 load_kv(const void *p, const int f16, int64_t i, __mmask16 m) {
+    if (!f16) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
+}
+
 /* Scores of four keys at a time, so one reduction tree serves four dot
  * products.  Past the last key the group repeats key n_t - 1 (never reading
  * beyond the filled cache) and drops those results, so every score is
  * computed the same way wherever it falls in a group. */
-T512 static float avx512_scores(float *score, const float *q, const float *k, int64_t n_t,
-                               int64_t n, float scale) {
+INL float scores_any(float *score, const float *q, const void *k, const int f16,
+                     int64_t n_t, int64_t n, float scale) {
     const __m128 vscale = _mm_set1_ps(scale);
     __m128 vmax = _mm_set1_ps(-INFINITY);  /* repeated keys past the end change no max */
     for (int64_t t = 0; t < n_t; t += 4) {
-        const float *k0 = k + t * n;
-        const float *k1 = k + (t + 1 < n_t ? t + 1 : n_t - 1) * n;
-        const float *k2 = k + (t + 2 < n_t ? t + 2 : n_t - 1) * n;
-        const float *k3 = k + (t + 3 < n_t ? t + 3 : n_t - 1) * n;
+        const int64_t k0 = t * n;
+        const int64_t k1 = (t + 1 < n_t ? t + 1 : n_t - 1) * n;
+        const int64_t k2 = (t + 2 < n_t ? t + 2 : n_t - 1) * n;
+        const int64_t k3 = (t + 3 < n_t ? t + 3 : n_t - 1) * n;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t i = 0; i < n; i += 16) {
             __mmask16 m = tail_mask(n - i);
             __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
-            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + i), a0);
-            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k1 + i), a1);
-            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k2 + i), a2);
-            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k3 + i), a3);
+            a0 = _mm512_fmadd_ps(qv, load_kv(k, f16, k0 + i, m), a0);
+            a1 = _mm512_fmadd_ps(qv, load_kv(k, f16, k1 + i, m), a1);
+            a2 = _mm512_fmadd_ps(qv, load_kv(k, f16, k2 + i, m), a2);
+            a3 = _mm512_fmadd_ps(qv, load_kv(k, f16, k3 + i, m), a3);
         }
         __m128 sc = _mm_mul_ps(vscale, hsum_x4(a0, a1, a2, a3));
         vmax = _mm_max_ps(vmax, sc);
@@ -240,8 +247,8 @@ T512 static float avx512_scores(float *score, const float *q, const float *k, in
 /* out[i] = sum_t p[t] v[t, i], 64 columns at a time held in registers.
  * Even and odd keys go to separate accumulators (two FMA chains instead of
  * one), added at the end. */
-T512 static void avx512_wsum(float *out, const float *p, const float *v, int64_t ldv,
-                             int64_t n_t, int64_t n) {
+INL void wsum_any(float *out, const float *p, const void *v, const int f16, int64_t ldv,
+                  int64_t n_t, int64_t n) {
     for (int64_t i0 = 0; i0 < n; i0 += 64) {
         __mmask16 m[4];
         for (int j = 0; j < 4; j++) m[j] = tail_mask(n - i0 - 16 * j);
@@ -251,18 +258,18 @@ T512 static void avx512_wsum(float *out, const float *p, const float *v, int64_t
         int64_t t = 0;
         for (; t + 2 <= n_t; t += 2) {
             for (int e = 0; e < 2; e++) {
-                const float *vt = v + (t + e) * ldv + i0;
+                const int64_t vt = (t + e) * ldv + i0;
                 __m512 pt = _mm512_set1_ps(p[t + e]);
                 for (int j = 0; j < 4; j++)
-                    a[e][j] = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m[j], vt + 16 * j),
+                    a[e][j] = _mm512_fmadd_ps(pt, load_kv(v, f16, vt + 16 * j, m[j]),
                                               a[e][j]);
             }
         }
         if (t < n_t) {
-            const float *vt = v + t * ldv + i0;
+            const int64_t vt = t * ldv + i0;
             __m512 pt = _mm512_set1_ps(p[t]);
             for (int j = 0; j < 4; j++)
-                a[0][j] = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(m[j], vt + 16 * j), a[0][j]);
+                a[0][j] = _mm512_fmadd_ps(pt, load_kv(v, f16, vt + 16 * j, m[j]), a[0][j]);
         }
         for (int j = 0; j < 4; j++)
             _mm512_mask_storeu_ps(out + i0 + 16 * j, m[j], _mm512_add_ps(a[0][j], a[1][j]));
@@ -276,32 +283,33 @@ T512 static void avx512_wsum(float *out, const float *p, const float *v, int64_t
  * the lanes past its end, its last key's score (what avx512_scores' repeated
  * key gives), so its max is taken over the same values in the same order. */
 INL void scores_rows_r(float *score, int64_t lds, const float *const *qrow, const int R,
-                       const float *k, const int64_t *n_t, int64_t n, float scale,
-                       float *mx) {
+                       const void *k, const int f16, const int64_t *n_t, int64_t n,
+                       float scale, float *mx) {
     const __m128 vscale = _mm_set1_ps(scale);
     int64_t n_hi = 0;
     for (int r = 0; r < R; r++) n_hi = n_t[r] > n_hi ? n_t[r] : n_hi;
     __m128 vmax[6];
     for (int r = 0; r < R; r++) vmax[r] = _mm_set1_ps(-INFINITY);
     for (int64_t t = 0; t < n_hi; t += 4) {
-        const float *k0 = k + t * n;
-        const float *k1 = k + (t + 1 < n_hi ? t + 1 : n_hi - 1) * n;
-        const float *k2 = k + (t + 2 < n_hi ? t + 2 : n_hi - 1) * n;
-        const float *k3 = k + (t + 3 < n_hi ? t + 3 : n_hi - 1) * n;
+        const int64_t k0 = t * n;
+        const int64_t k1 = (t + 1 < n_hi ? t + 1 : n_hi - 1) * n;
+        const int64_t k2 = (t + 2 < n_hi ? t + 2 : n_hi - 1) * n;
+        const int64_t k3 = (t + 3 < n_hi ? t + 3 : n_hi - 1) * n;
         /* the keys 32 on (8 KiB of head_dim 64 rows, often the next chunk,
          * which lies right after this one): with it a decode's attention
          * read the cache from DRAM at 15-16 GB/s on one core instead of 12-13
          * (ahead 16 or 64 gave about the same).  The same ask for V in
          * wsum_rows measured no gain. */
-        for (int64_t o = 0; o < 4 * n; o += 16)
-            _mm_prefetch((const char *)(k + (t + 32) * n + o), FA_PREFETCH_STREAM);
+        const size_t es = f16 ? 2 : 4;  /* bytes per value; a line is 64 */
+        for (size_t o = 0; o < 4 * (size_t)n * es; o += 64)
+            _mm_prefetch((const char *)k + (size_t)(t + 32) * n * es + o, FA_PREFETCH_STREAM);
         __m512 a[6][4];
         for (int r = 0; r < R; r++)
             for (int j = 0; j < 4; j++) a[r][j] = _mm512_setzero_ps();
         for (int64_t i = 0; i < n; i += 16) {
             __mmask16 m = tail_mask(n - i);
-            __m512 kv0 = _mm512_maskz_loadu_ps(m, k0 + i), kv1 = _mm512_maskz_loadu_ps(m, k1 + i);
-            __m512 kv2 = _mm512_maskz_loadu_ps(m, k2 + i), kv3 = _mm512_maskz_loadu_ps(m, k3 + i);
+            __m512 kv0 = load_kv(k, f16, k0 + i, m), kv1 = load_kv(k, f16, k1 + i, m);
+            __m512 kv2 = load_kv(k, f16, k2 + i, m), kv3 = load_kv(k, f16, k3 + i, m);
             for (int r = 0; r < R; r++) {
                 __m512 qv = _mm512_maskz_loadu_ps(m, qrow[r] + i);
                 a[r][0] = _mm512_fmadd_ps(qv, kv0, a[r][0]);
@@ -331,18 +339,28 @@ INL void scores_rows_r(float *score, int64_t lds, const float *const *qrow, cons
     }
 }
 
-T512 static void avx512_scores_rows(float *score, int64_t lds, const float *const *qrow,
-                                    int nr, const float *k, const int64_t *n_t, int64_t n,
-                                    float scale, float *mx) {
+INL void scores_rows_any(float *score, int64_t lds, const float *const *qrow, int nr,
+                         const void *k, const int f16, const int64_t *n_t, int64_t n,
+                         float scale, float *mx) {
     int r = 0;
     for (; r + 6 <= nr; r += 6)
-        scores_rows_r(score + r * lds, lds, qrow + r, 6, k, n_t + r, n, scale, mx + r);
+        scores_rows_r(score + r * lds, lds, qrow + r, 6, k, f16, n_t + r, n, scale, mx + r);
     switch (nr - r) {
-    case 5: scores_rows_r(score + r * lds, lds, qrow + r, 5, k, n_t + r, n, scale, mx + r); break;
-    case 4: scores_rows_r(score + r * lds, lds, qrow + r, 4, k, n_t + r, n, scale, mx + r); break;
-    case 3: scores_rows_r(score + r * lds, lds, qrow + r, 3, k, n_t + r, n, scale, mx + r); break;
-    case 2: scores_rows_r(score + r * lds, lds, qrow + r, 2, k, n_t + r, n, scale, mx + r); break;
-    case 1: scores_rows_r(score + r * lds, lds, qrow + r, 1, k, n_t + r, n, scale, mx + r); break;
+    case 5:
+        scores_rows_r(score + r * lds, lds, qrow + r, 5, k, f16, n_t + r, n, scale, mx + r);
+        break;
+    case 4:
+        scores_rows_r(score + r * lds, lds, qrow + r, 4, k, f16, n_t + r, n, scale, mx + r);
+        break;
+    case 3:
+        scores_rows_r(score + r * lds, lds, qrow + r, 3, k, f16, n_t + r, n, scale, mx + r);
+        break;
+    case 2:
+        scores_rows_r(score + r * lds, lds, qrow + r, 2, k, f16, n_t + r, n, scale, mx + r);
+        break;
+    case 1:
+        scores_rows_r(score + r * lds, lds, qrow + r, 1, k, f16, n_t + r, n, scale, mx + r);
+        break;
     default: break;
     }
 }
@@ -351,7 +369,8 @@ T512 static void avx512_scores_rows(float *score, int64_t lds, const float *cons
  * every row's even/odd accumulators.  A row stops at its own key count; its
  * odd last key goes to the even accumulators, as in avx512_wsum. */
 INL void wsum_rows_r(float *out, int64_t ldo, const float *p, int64_t ldp, const int R,
-                     const float *v, int64_t ldv, const int64_t *n_t, int64_t n) {
+                     const void *v, const int f16, int64_t ldv, const int64_t *n_t,
+                     int64_t n) {
     int64_t n_lo = n_t[0], n_hi = n_t[0];
     for (int r = 1; r < R; r++) {
         n_lo = n_t[r] < n_lo ? n_t[r] : n_lo;
@@ -367,9 +386,9 @@ INL void wsum_rows_r(float *out, int64_t ldo, const float *p, int64_t ldp, const
         int64_t t = 0;
         for (; t + 2 <= n_lo; t += 2) {
             for (int e = 0; e < 2; e++) {
-                const float *vt = v + (t + e) * ldv + i0;
+                const int64_t vt = (t + e) * ldv + i0;
                 __m512 vv[4];
-                for (int j = 0; j < 4; j++) vv[j] = _mm512_maskz_loadu_ps(m[j], vt + 16 * j);
+                for (int j = 0; j < 4; j++) vv[j] = load_kv(v, f16, vt + 16 * j, m[j]);
                 for (int r = 0; r < R; r++) {
                     __m512 pt = _mm512_set1_ps(p[r * ldp + t + e]);
                     for (int j = 0; j < 4; j++) a[r][e][j] = _mm512_fmadd_ps(pt, vv[j], a[r][e][j]);
@@ -378,9 +397,9 @@ INL void wsum_rows_r(float *out, int64_t ldo, const float *p, int64_t ldp, const
         }
         for (; t < n_hi; t += 2) {  /* past the shortest row: each row to its own end */
             for (int e = 0; e < 2 && t + e < n_hi; e++) {
-                const float *vt = v + (t + e) * ldv + i0;
+                const int64_t vt = (t + e) * ldv + i0;
                 __m512 vv[4];
-                for (int j = 0; j < 4; j++) vv[j] = _mm512_maskz_loadu_ps(m[j], vt + 16 * j);
+                for (int j = 0; j < 4; j++) vv[j] = load_kv(v, f16, vt + 16 * j, m[j]);
                 for (int r = 0; r < R; r++) {
                     if (t + e >= n_t[r]) continue;
                     __m512 pt = _mm512_set1_ps(p[r * ldp + t + e]);
@@ -395,14 +414,69 @@ INL void wsum_rows_r(float *out, int64_t ldo, const float *p, int64_t ldp, const
     }
 }
 
+INL void wsum_rows_any(float *out, int64_t ldo, const float *p, int64_t ldp, int nr,
+                       const void *v, const int f16, int64_t ldv, const int64_t *n_t,
+                       int64_t n) {
+    int r = 0;
+    for (; r + 3 <= nr; r += 3)
+        wsum_rows_r(out + r * ldo, ldo, p + r * ldp, ldp, 3, v, f16, ldv, n_t + r, n);
+    if (nr - r == 2) wsum_rows_r(out + r * ldo, ldo, p + r * ldp, ldp, 2, v, f16, ldv, n_t + r, n);
+    if (nr - r == 1) wsum_rows_r(out + r * ldo, ldo, p + r * ldp, ldp, 1, v, f16, ldv, n_t + r, n);
+}
+
+/* The table's entries: each kernel above over a float32 and a float16 cache. */
+T512 static float avx512_scores(float *score, const float *q, const float *k, int64_t n_t,
+                               int64_t n, float scale) {
+    return scores_any(score, q, k, 0, n_t, n, scale);
+}
+
+T512 static float avx512_scores_f16(float *score, const float *q, const uint16_t *k,
+                                   int64_t n_t, int64_t n, float scale) {
+    return scores_any(score, q, k, 1, n_t, n, scale);
+}
+
+T512 static void avx512_wsum(float *out, const float *p, const float *v, int64_t ldv,
+                             int64_t n_t, int64_t n) {
+    wsum_any(out, p, v, 0, ldv, n_t, n);
+}
+
+T512 static void avx512_wsum_f16(float *out, const float *p, const uint16_t *v,
+                                 int64_t ldv, int64_t n_t, int64_t n) {
+    wsum_any(out, p, v, 1, ldv, n_t, n);
+}
+
+T512 static void avx512_scores_rows(float *score, int64_t lds, const float *const *qrow,
+                                    int nr, const float *k, const int64_t *n_t, int64_t n,
+                                    float scale, float *mx) {
+    scores_rows_any(score, lds, qrow, nr, k, 0, n_t, n, scale, mx);
+}
+
+T512 static void avx512_scores_rows_f16(float *score, int64_t lds, const float *const *qrow,
+                                        int nr, const uint16_t *k, const int64_t *n_t,
+                                        int64_t n, float scale, float *mx) {
+    scores_rows_any(score, lds, qrow, nr, k, 1, n_t, n, scale, mx);
+}
+
 T512 static void avx512_wsum_rows(float *out, int64_t ldo, const float *p, int64_t ldp,
                                   int nr, const float *v, int64_t ldv, const int64_t *n_t,
                                   int64_t n) {
-    int r = 0;
-    for (; r + 3 <= nr; r += 3)
-        wsum_rows_r(out + r * ldo, ldo, p + r * ldp, ldp, 3, v, ldv, n_t + r, n);
-    if (nr - r == 2) wsum_rows_r(out + r * ldo, ldo, p + r * ldp, ldp, 2, v, ldv, n_t + r, n);
-    if (nr - r == 1) wsum_rows_r(out + r * ldo, ldo, p + r * ldp, ldp, 1, v, ldv, n_t + r, n);
+    wsum_rows_any(out, ldo, p, ldp, nr, v, 0, ldv, n_t, n);
+}
+
+T512 static void avx512_wsum_rows_f16(float *out, int64_t ldo, const float *p, int64_t ldp,
+                                      int nr, const uint16_t *v, int64_t ldv,
+                                      const int64_t *n_t, int64_t n) {
+    wsum_rows_any(out, ldo, p, ldp, nr, v, 1, ldv, n_t, n);
+}
+
+/* Rounded to nearest even by F16C, 16 at a time, the tail masked. */
+T512 static void avx512_to_f16(uint16_t *dst, const float *src, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, src + i),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_mask_storeu_epi16(dst + i, m, h);
+    }
 }
 
 /* exp(x): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial
@@ -477,6 +551,8 @@ const fa_kernels fa_kernels_avx512 = {
     4, avx512_scores, avx512_wsum, avx512_softmax_exp,
     avx512_swiglu, avx512_gelu,
     avx512_scores_rows, avx512_wsum_rows,
+    avx512_scores_f16, avx512_wsum_f16, avx512_scores_rows_f16, avx512_wsum_rows_f16,
+    avx512_to_f16,
 };
 
 #else  /* not x86-64 with GCC-style intrinsics: the generic kernels stand in */

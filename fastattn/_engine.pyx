@@ -2,7 +2,7 @@
 """The compiled model: Cython classes over csrc/forward.c.
 
     Model(config, matrices, vectors)   the read-only weights, as fa_model
-    State(model, n_ctx, max_chunk)     one sequence's KV cache and scratch
+    State(model, n_ctx, max_chunk, kv_type)  one sequence's KV cache and scratch
     model.forward(state, ids, all_logits, n_threads) -> logits
     model.decode(state, token, n_threads) -> logits [n_vocab]
 
@@ -93,6 +93,7 @@ cdef extern from "model.h" nogil:
         int64_t n_ctx
         int64_t n_past
         int64_t max_chunk
+        int kv_type
 
     enum:
         FA_GPT2, FA_LLAMA
@@ -100,6 +101,8 @@ cdef extern from "model.h" nogil:
 
     int fa_model_check(const fa_model *m)
     int fa_state_init(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chunk)
+    int fa_state_init_kv(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_chunk,
+                         int kv_type)
     void fa_state_free(fa_state *s)
     int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq,
                    float *logits, int all_logits, int n_threads)
@@ -395,11 +398,16 @@ cdef class Model:
         raise FastAttnError(f"fastattn: fa_forward failed with code {rc}")
 
 
-def state_bytes(config, n_ctx, max_chunk):
-    """(KV cache bytes, scratch bytes) that fa_state_init allocates for a state
-    of n_ctx positions run in chunks of max_chunk tokens."""
+# KV cache value types fa_state_init_kv takes (ggml's ids): bytes per value
+KV_BYTES = {0: 4, 1: 2}  # FA_F32, FA_F16
+
+
+def state_bytes(config, n_ctx, max_chunk, kv_type=0):
+    """(KV cache bytes, scratch bytes) that fa_state_init_kv allocates for a
+    state of n_ctx positions run in chunks of max_chunk tokens, its cache of
+    kv_type (0 float32, 1 float16)."""
     E, F, Ekv = config.n_embd, config.n_ff, config.n_kv_head * config.head_dim
-    kv = 2 * config.n_layer * n_ctx * Ekv * 4
+    kv = 2 * config.n_layer * n_ctx * Ekv * KV_BYTES[kv_type]
     chunk = min(max_chunk, n_ctx)
     qkv = 3 * E if config.family == "gpt2" else 2 * Ekv
     scratch = chunk * (4 * E + qkv + 2 * F) * 4
@@ -407,20 +415,27 @@ def state_bytes(config, n_ctx, max_chunk):
 
 
 cdef class State:
-    """One sequence's KV cache [n_layer][n_kv_head][n_ctx][head_dim] and scratch."""
+    """One sequence's KV cache [n_layer][n_kv_head][n_ctx][head_dim] and scratch.
+
+    kv_type: 0 (default) a float32 cache, exact; 1 a float16 cache, half the
+    bytes, each key and value rounded to the nearest half (not exact)."""
     cdef fa_state s
     cdef readonly Model model
     cdef bint busy
 
-    def __cinit__(self, Model model not None, int64_t n_ctx, int64_t max_chunk=256):
+    def __cinit__(self, Model model not None, int64_t n_ctx, int64_t max_chunk=256,
+                  int kv_type=0):
         memset(&self.s, 0, sizeof(fa_state))
         self.model = model
         self.busy = False
         if n_ctx <= 0 or n_ctx > model.m.n_ctx:
             raise ContextOverflowError(f"n_ctx {n_ctx} must be in [1, {model.m.n_ctx}]")
-        cdef int rc = fa_state_init(&self.s, &model.m, n_ctx, max_chunk)
+        if kv_type not in KV_BYTES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_BYTES)} (0 float32, "
+                             f"1 float16), got {kv_type}")
+        cdef int rc = fa_state_init_kv(&self.s, &model.m, n_ctx, max_chunk, kv_type)
         if rc == FA_ERR_NOMEM:
-            kv, scratch = state_bytes(model.config, n_ctx, max_chunk)
+            kv, scratch = state_bytes(model.config, n_ctx, max_chunk, kv_type)
             raise OutOfMemoryError(
                 f"fastattn: cannot allocate a state of n_ctx {n_ctx}: it needs "
                 f"{kv + scratch} bytes ({(kv + scratch) / 2**30:.2f} GiB: KV cache "
@@ -448,6 +463,11 @@ cdef class State:
     @property
     def max_chunk(self):
         return self.s.max_chunk
+
+    @property
+    def kv_type(self):
+        """0: float32 KV cache, 1: float16."""
+        return self.s.kv_type
 
     @property
     def n_past(self):

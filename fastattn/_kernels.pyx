@@ -22,7 +22,7 @@ import numpy as np
 cimport numpy as cnp
 cimport openmp
 from cython.parallel cimport parallel
-from libc.stdint cimport int8_t, int64_t, uint8_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t
 
 from .errors import UnsupportedError
 from .weights import TYPES, type_name
@@ -72,6 +72,18 @@ cdef extern from "fastattn.h" nogil:
                                 int64_t n_seq, int n_threads)
     void fa_quantize_act_q8(const float *x, int64_t n, int8_t *q, float *d, float *s)
 
+
+cdef extern from "model.h" nogil:
+    void fa_attention_kv(const float *q, const void *k, const void *v, int kv_type,
+                         float *out, int64_t n_seq, int64_t pos0, int n_head,
+                         int n_kv_head, int head_dim, int64_t n_ctx, int ith, int nth)
+
+
+cdef extern from "fa_internal.h" nogil:
+    ctypedef struct fa_kernels:
+        void (*to_f16)(uint16_t *dst, const float *src, int64_t n) noexcept nogil
+    const fa_kernels *fa_kernels_current()
+
 SIMD_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
 
 # ------------------------------------------------------------------ checks
@@ -100,6 +112,18 @@ cdef cnp.ndarray _f32(a, str name, int ndim):
         raise ValueError(f"{name}: array must be C-contiguous")
     if not a.flags.aligned:     # a float32 view at an odd byte offset
         raise ValueError(f"{name}: array must be aligned to 4 bytes")
+    return a
+
+
+cdef cnp.ndarray _f16(a, str name, int ndim):
+    """Check that `a` is a C-contiguous float16 ndarray of ndim dimensions."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float16:
+        raise ValueError(f"{name}: expected a numpy float16 array (as k_cache), got "
+                         f"{getattr(a, 'dtype', type(a).__name__)}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {a.shape}")
+    if not a.flags.c_contiguous or not a.flags.aligned:
+        raise ValueError(f"{name}: array must be C-contiguous and aligned to 2 bytes")
     return a
 
 
@@ -497,7 +521,8 @@ def rope(x, n_head, head_dim, pos0=0, theta=10000.0, neox=False, n_threads=None)
 def attention(q, k_cache, v_cache, pos0, n_head, n_kv_head, n_threads=None):
     """Causal attention.  q [n_seq, n_head * head_dim], query s at position
     pos0 + s; k_cache, v_cache [n_kv_head, n_ctx, head_dim] filled for positions
-    0 .. pos0 + n_seq - 1.  Returns out [n_seq, n_head * head_dim]."""
+    0 .. pos0 + n_seq - 1, both float32 or both float16 (the f16 KV cache's
+    kernels).  Returns out [n_seq, n_head * head_dim]."""
     cdef int nt = _threads(n_threads)
     cdef int nh = _as_int(n_head, "n_head", 1, 1 << 16)
     cdef int nkv = _as_int(n_kv_head, "n_kv_head", 1, nh)
@@ -505,8 +530,12 @@ def attention(q, k_cache, v_cache, pos0, n_head, n_kv_head, n_threads=None):
         raise ValueError(f"n_kv_head: {nkv} does not divide n_head = {nh}")
     cdef int64_t p0 = _as_int(pos0, "pos0", 0)
     cdef cnp.ndarray qa = _f32(q, "q", 2)
-    cdef cnp.ndarray ka = _f32(k_cache, "k_cache", 3)
-    cdef cnp.ndarray va = _f32(v_cache, "v_cache", 3)
+    cdef bint f16 = isinstance(k_cache, np.ndarray) and k_cache.dtype == np.float16
+    cdef cnp.ndarray ka, va
+    if f16:
+        ka, va = _f16(k_cache, "k_cache", 3), _f16(v_cache, "v_cache", 3)
+    else:
+        ka, va = _f32(k_cache, "k_cache", 3), _f32(v_cache, "v_cache", 3)
     if ka.shape[0] != nkv:
         raise ValueError(f"k_cache: has {ka.shape[0]} heads, n_kv_head = {nkv}")
     if va.shape[0] != ka.shape[0] or va.shape[1] != ka.shape[1] \
@@ -531,10 +560,29 @@ def attention(q, k_cache, v_cache, pos0, n_head, n_kv_head, n_threads=None):
     cdef const float *pv = <const float *>cnp.PyArray_DATA(va)
     cdef float *po = <float *>cnp.PyArray_DATA(out)
     cdef float *ps = <float *>cnp.PyArray_DATA(scratch)
+    if f16:
+        with nogil, parallel(num_threads=nt):
+            fa_attention_kv(pq, pk, pv, 1, po, n_seq, p0, nh, nkv, hd, n_ctx,
+                            openmp.omp_get_thread_num(), openmp.omp_get_num_threads())
+        return out
     with nogil, parallel(num_threads=nt):
         fa_attention(pq, pk, pv, po, n_seq, p0, nh, nkv, hd, n_ctx, ps,
                      openmp.omp_get_thread_num(), openmp.omp_get_num_threads())
     return out
+
+
+def to_f16(x):
+    """x (float32, any shape) rounded to IEEE halves by the converter the f16
+    KV cache writes with at the SIMD level in use: a float16 array."""
+    cdef cnp.ndarray a = np.ascontiguousarray(x, dtype=np.float32)
+    cdef cnp.ndarray h = np.empty((<object>a).shape, dtype=np.float16)
+    cdef int64_t n = a.size
+    cdef const float *src = <const float *>cnp.PyArray_DATA(a)
+    cdef uint16_t *dst = <uint16_t *>cnp.PyArray_DATA(h)
+    cdef const fa_kernels *kern = fa_kernels_current()
+    with nogil:
+        kern.to_f16(dst, src, n)
+    return h
 
 
 # ------------------------------------------------------------------- SIMD

@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--activations", choices=["f32", "q8"], default="f32",
                        help="q8: round activations to 8 bits for quantized weights "
                             "(faster, not exact; default f32, exact)")
+        p.add_argument("--kv-cache", choices=["f32", "f16"], default="f32",
+                       help="f16: store the KV cache as float16, half its memory "
+                            "and a faster decode over long contexts; not exact: keys "
+                            "and values are rounded to half precision, about 3 "
+                            "significant digits (default f32, exact)")
         p.add_argument("-v", "--verbose", action="store_true", help="say more on stderr")
         p.add_argument("-q", "--quiet", action="store_true",
                        help="no model dimensions or timings on stderr")
@@ -227,7 +232,8 @@ def load_model(args):
     from .generation import Model
     # verbose=False: the banner below is the CLI's, the library need not log it too
     model = Model.load(resolve_model(args.model), n_threads=args.threads,
-                       n_ctx=args.ctx_size, verbose=False, activations=args.activations)
+                       n_ctx=args.ctx_size, verbose=False, activations=args.activations,
+                       kv_cache=args.kv_cache)
     if not args.quiet:
         print_pairs([("model", model.source)] + model.describe())
     return model

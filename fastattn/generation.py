@@ -357,14 +357,17 @@ class Model:
 
     @classmethod
     def load(cls, model=None, n_threads=None, n_ctx=None, verbose=False,
-             activations="f32") -> "Model":
+             activations="f32", kv_cache="f32") -> "Model":
         """model: a GGUF file, a Hugging Face folder, or None for the default
         model (downloaded on first use).  activations: "f32" (exact) or "q8"
-        (faster, not exact; see Transformer)."""
+        (faster, not exact; see Transformer).  kv_cache: "f32" (exact) or
+        "f16" (half the cache's memory, keys and values rounded to half
+        precision: not exact; see Transformer)."""
         from .loaders import load_model_files
-        from .model import Transformer
+        from .model import Transformer, check_kv_cache
         from .tokenizer import Tokenizer
 
+        check_kv_cache(kv_cache)  # before the file is read
         start = time.perf_counter()
         if model is None:
             from .download import default_model_path
@@ -372,7 +375,7 @@ class Model:
         loaded = load_model_files(model)
         try:
             transformer = Transformer(loaded.config, loaded.weights, n_threads=n_threads,
-                                      activations=activations)
+                                      activations=activations, kv_cache=kv_cache)
             tokenizer = Tokenizer.from_loaded(loaded.tokenizer)
         except MemoryError as e:  # OutOfMemoryError included: name the model
             # out here the half-built model's memory is free again: say what it needs
@@ -414,6 +417,7 @@ class Model:
             pairs.append(("simd", simd))
         pairs.append(("n_threads", getattr(self.transformer, "n_threads", None)))
         pairs.append(("activations", getattr(self.transformer, "activations", "f32")))
+        pairs.append(("kv_cache", getattr(self.transformer, "kv_cache", "f32")))
         return pairs
 
     # ---------------------------------------------------------- stats

@@ -114,6 +114,14 @@ def check_weights(config: ModelConfig, weights: dict) -> None:
                              f"{config.family} model ({len(unknown)} unknown tensors)")
 
 
+def check_kv_cache(kv_cache):
+    """kv_cache itself if it names a KV cache type ("f32", "f16"), else ValueError."""
+    if not isinstance(kv_cache, str) or kv_cache not in Transformer.KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {sorted(Transformer.KV_CACHES)}, "
+                         f"got {kv_cache!r}")
+    return kv_cache
+
+
 class State:
     """One sequence's KV cache: positions 0 .. n_past - 1 are filled, up to n_ctx."""
 
@@ -128,6 +136,11 @@ class State:
     def n_ctx(self) -> int:
         return self._state.n_ctx
 
+    @property
+    def kv_cache(self) -> str:
+        """"f32" or "f16": the type of the cache's keys and values."""
+        return "f16" if self._state.kv_type == 1 else "f32"
+
     def reset(self) -> None:
         """Forget every position."""
         self._state.n_past = 0
@@ -141,7 +154,8 @@ class State:
         self._state.n_past = n_past
 
     def __repr__(self):
-        return f"State(n_past={self.n_past}, n_ctx={self.n_ctx})"
+        return (f"State(n_past={self.n_past}, n_ctx={self.n_ctx}, "
+                f"kv_cache={self.kv_cache!r})")
 
 
 class Transformer:
@@ -157,20 +171,27 @@ class Transformer:
                activations, exactly; "q8" rounds the activations to 8-bit
                blocks for Q4_0 / Q4_1 / Q8_0 weights and uses integer dot
                products: faster, not exact (see csrc/quant_act.c)
+    kv_cache : the KV cache of the states new_state makes: "f32" (default),
+               exact; "f16" stores keys and values as IEEE halves, half the
+               bytes (a decode reads less), not exact: each is rounded to
+               about 3 significant digits (see fa_state_init_kv)
     """
 
     ACTIVATIONS = {"f32": 0, "q8": 1}
+    KV_CACHES = {"f32": 0, "f16": 1}   # the engine's kv_type
 
     def __init__(self, config: ModelConfig, weights: dict, n_threads=None,
-                 activations="f32"):
+                 activations="f32", kv_cache="f32"):
         from . import _engine  # the compiled core; imported here so that
                                # loaders and the reference work without it
         if activations not in self.ACTIVATIONS:
             raise ValueError(f"activations must be one of {sorted(self.ACTIVATIONS)}, "
                              f"got {activations!r}")
+        check_kv_cache(kv_cache)
         config.validate()
         check_weights(config, weights)
         self.activations = activations
+        self.kv_cache = kv_cache
         self.config = config
         self.n_threads = n_threads if n_threads is not None else available_cpus()
 
@@ -205,16 +226,19 @@ class Transformer:
 
     # ------------------------------------------------------------------- states
 
-    def new_state(self, n_ctx=None) -> State:
-        """A fresh state with room for n_ctx positions (default: config.n_ctx)."""
+    def new_state(self, n_ctx=None, kv_cache=None) -> State:
+        """A fresh state with room for n_ctx positions (default: config.n_ctx),
+        its KV cache "f32" or "f16" (default: the model's kv_cache)."""
         from . import _engine
+        kv_cache = self.kv_cache if kv_cache is None else check_kv_cache(kv_cache)
         if n_ctx is None:
             n_ctx = self.config.n_ctx
         n_ctx = operator.index(n_ctx)
         if not 1 <= n_ctx <= self.config.n_ctx:
             raise ContextOverflowError(f"n_ctx {n_ctx} must be in [1, {self.config.n_ctx}] "
                                        f"(the model's n_ctx)")
-        return State(_engine.State(self._engine, n_ctx, MAX_CHUNK))
+        return State(_engine.State(self._engine, n_ctx, MAX_CHUNK,
+                                   self.KV_CACHES[kv_cache]))
 
     # ------------------------------------------------------------------ forward
 

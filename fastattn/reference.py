@@ -36,6 +36,12 @@ It is called once per layer and per query head as
 Here n_q == n_k == n_seq.  The default, `attention_softmax`, is the plain
 softmax(q k^T / sqrt(head_dim) + mask) v.  The scale is part of the callable,
 so a replacement decides its own.
+
+The KV cache's precision
+------------------------
+`forward(..., kv_cache="f16")` rounds every key and value to float16 (numpy's
+round-to-nearest-even) and widens it back before attention, as the engine's
+opt-in float16 KV cache stores them; the default "f32" keeps them as computed.
 """
 import numpy as np
 
@@ -127,9 +133,24 @@ def rope(x, theta, neox):
     return out
 
 
-def multi_head_attention(q, k, v, n_head, n_kv_head, attention):
+KV_DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def kv_round(x, kv_cache):
+    """x as a KV cache of type kv_cache holds it: "f32" x itself, "f16" x
+    rounded to float16 and widened back to float32."""
+    if kv_cache not in KV_DTYPES:
+        raise ValueError(f"kv_cache must be one of {sorted(KV_DTYPES)}, got {kv_cache!r}")
+    if kv_cache == "f32":
+        return x
+    return x.astype(KV_DTYPES[kv_cache]).astype(np.float32)
+
+
+def multi_head_attention(q, k, v, n_head, n_kv_head, attention, kv_cache="f32"):
     """q [n_seq, n_head*head_dim], k, v [n_seq, n_kv_head*head_dim]
-    -> [n_seq, n_head*head_dim], calling `attention` once per query head."""
+    -> [n_seq, n_head*head_dim], calling `attention` once per query head;
+    k and v as a KV cache of type kv_cache holds them (kv_round)."""
+    k, v = kv_round(k, kv_cache), kv_round(v, kv_cache)
     n_seq = q.shape[0]
     head_dim = q.shape[1] // n_head
     q = q.reshape(n_seq, n_head, head_dim)                # [n_seq, n_head, head_dim]
@@ -146,7 +167,7 @@ def multi_head_attention(q, k, v, n_head, n_kv_head, attention):
 # --------------------------------------------------------------------- blocks
 
 
-def gpt2_block(x, w, i, config, attention):
+def gpt2_block(x, w, i, config, attention, kv_cache="f32"):
     """One GPT-2 block; x [n_seq, n_embd] -> [n_seq, n_embd]."""
     p = f"blk.{i}."
     n_embd = config.n_embd
@@ -161,7 +182,7 @@ def gpt2_block(x, w, i, config, attention):
     # attention: x + c_proj(attn(c_attn(ln_1(x))))
     qkv = fc(ln(x, "attn_norm"), "attn_qkv")      # [n_seq, n_embd] -> [n_seq, 3*n_embd]
     q, k, v = qkv[:, :n_embd], qkv[:, n_embd:2 * n_embd], qkv[:, 2 * n_embd:]
-    a = multi_head_attention(q, k, v, config.n_head, config.n_head, attention)
+    a = multi_head_attention(q, k, v, config.n_head, config.n_head, attention, kv_cache)
     x = x + fc(a, "attn_output")                  # [n_seq, n_embd]
 
     # MLP: x + c_proj(gelu(c_fc(ln_2(x))))
@@ -169,7 +190,7 @@ def gpt2_block(x, w, i, config, attention):
     return x + fc(h, "ffn_down")                  # [n_seq, n_ff] -> [n_seq, n_embd]
 
 
-def llama_block(x, w, i, config, attention):
+def llama_block(x, w, i, config, attention, kv_cache="f32"):
     """One Llama block; x [n_seq, n_embd] -> [n_seq, n_embd]."""
     p = f"blk.{i}."
     n_seq, head_dim = x.shape[0], config.head_dim
@@ -189,7 +210,7 @@ def llama_block(x, w, i, config, attention):
     q = rope(heads(q, config.n_head), config.rope_theta, config.rope_neox)
     k = rope(heads(k, config.n_kv_head), config.rope_theta, config.rope_neox)
     a = multi_head_attention(q.reshape(n_seq, -1), k.reshape(n_seq, -1), v,
-                             config.n_head, config.n_kv_head, attention)
+                             config.n_head, config.n_kv_head, attention, kv_cache)
     x = x + fc(a, "attn_output")                  # [n_seq, n_embd]
 
     # MLP: x + down(silu(gate h) * up h), h = rms_norm(x)
@@ -210,13 +231,17 @@ def dequantize_weights(weights):
     return out
 
 
-def forward(config: ModelConfig, weights, ids, attention=None, return_hidden=False):
+def forward(config: ModelConfig, weights, ids, attention=None, return_hidden=False,
+            kv_cache="f32"):
     """Logits for every position of `ids`: [n_seq] -> [n_seq, n_vocab].
 
     With return_hidden, also the residual stream after each block, a list of
     n_layer arrays [n_seq, n_embd].  `attention` replaces the per-head
-    attention (see the module docstring).
+    attention; kv_cache="f16" rounds keys and values to float16 first (see
+    the module docstring).
     """
+    if kv_cache not in KV_DTYPES:
+        raise ValueError(f"kv_cache must be one of {sorted(KV_DTYPES)}, got {kv_cache!r}")
     w = dequantize_weights(weights)
     attention = attention or attention_softmax
     ids = np.asarray(ids, dtype=np.int64)
@@ -231,7 +256,7 @@ def forward(config: ModelConfig, weights, ids, attention=None, return_hidden=Fal
     block = gpt2_block if config.family == "gpt2" else llama_block
     hidden = []
     for i in range(config.n_layer):
-        x = block(x, w, i, config, attention)                     # [n_seq, n_embd]
+        x = block(x, w, i, config, attention, kv_cache)           # [n_seq, n_embd]
         hidden.append(x)
 
     # final norm and output head (tied to the embeddings unless output.weight exists)
