@@ -35,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--f32", action="store_true", help="float32 copy of the weights")
     ap.add_argument("--activations", choices=["f32", "q8"], default="f32",
                     help="the engine's activation mode (q8: 8-bit, integer dots)")
+    ap.add_argument("--kv-cache", choices=["f32", "f16"], default="f32",
+                    help="the KV cache's type (f16: half the bytes, not exact)")
     ap.add_argument("--perf-ctl", help="perf's --control fifo: sample only the timed loop")
     args = ap.parse_args(argv)
 
@@ -47,7 +49,7 @@ def main(argv=None):
 
     loaded = load_model_files(resolve_model(args.model))
     ids = build_prompt(Tokenizer.from_loaded(loaded.tokenizer), args.prompt_tokens)
-    options = {"activations": args.activations} if args.activations != "f32" else {}
+    options = {"activations": args.activations, "kv_cache": args.kv_cache}
     model = Transformer(loaded.config, _fastattn_weights(loaded, args.f32),
                         n_threads=args.threads, **options)
     n_gen = 128
