@@ -13,7 +13,8 @@
  *
  *   gcc -O3 -fopenmp -Icsrc benchmarks/stream_decode.c $(ls csrc/[a-z]*.c) -lm \
  *       -o /tmp/stream_decode
- *   /tmp/stream_decode gemv [type [threads [layers]]]     type 3 = Q4_1, 8 = Q8_0
+ *   /tmp/stream_decode gemv [type [threads [layers [q8]]]]  type 3 = Q4_1, 8 = Q8_0;
+ *                                                        q8 1: the q8 activation mode
  *   /tmp/stream_decode attention [threads [n_ctx]]
  *
  * Prints the best of 30 passes.  Compare GB/s with benchmarks/peers.py
@@ -61,12 +62,19 @@ static int out_of_memory(void) {
     return 1;
 }
 
+/* Bytes of the copy the products read: the panel copy (exact activations)
+ * or the q8 kernels' copy. */
+static size_t pack_bytes(const fa_weight *w, int q8) {
+    return q8 ? fa_q8_packed_bytes(w) : fa_packed_bytes(w);
+}
+
 static int gemv(int argc, char **argv) {
     int type = (int)arg(argc, argv, 1, FA_Q4_1, 0, 64);
     int nth = (int)arg(argc, argv, 2, 2, 1, 256);
     int nl = (int)arg(argc, argv, 3, 30, 0, 1000);
+    int q8 = (int)arg(argc, argv, 4, 0, 0, 1);
     if ((type != FA_Q4_1 && type != FA_Q8_0) || nth < 1 || nl < 0) {
-        fprintf(stderr, "usage: stream_decode gemv [3|8 [threads [layers]]]\n");
+        fprintf(stderr, "usage: stream_decode gemv [3|8 [threads [layers [q8]]]]\n");
         return 2;
     }
     int64_t shapes[7][2] = {{576, 576},  {192, 576},  {192, 576}, {576, 576},
@@ -94,20 +102,24 @@ static int gemv(int argc, char **argv) {
         }
         ws[i] = (fa_weight){.data = d, .type = type, .n_out = n_out, .n_in = n_in,
                             .row_bytes = rb};
-        arena_bytes += (fa_packed_bytes(&ws[i]) + 63) / 64 * 64;
+        arena_bytes += (pack_bytes(&ws[i], q8) + 63) / 64 * 64;
         bytes += rb * n_out;
         macs += (double)n_out * n_in;
     }
     uint8_t *arena = big_alloc(arena_bytes);
     if (!arena) return out_of_memory();
     for (size_t i = 0, at = 0; i < (size_t)nw; i++) {
-        size_t pbytes = fa_packed_bytes(&ws[i]);
+        size_t pbytes = pack_bytes(&ws[i], q8);
         if (pbytes == 0 || at + pbytes > arena_bytes
-            || fa_pack_weight(&ws[i], arena + at, pbytes) != 0) {
+            || (q8 ? fa_q8_pack_weight(&ws[i], arena + at, pbytes)
+                   : fa_pack_weight(&ws[i], arena + at, pbytes)) != 0) {
             fprintf(stderr, "packing failed\n");
             return 1;
         }
-        ws[i].packed = arena + at;
+        if (q8)
+            ws[i].packed_q8 = arena + at;
+        else
+            ws[i].packed = arena + at;
         at += (pbytes + 63) / 64 * 64;
     }
     static float x[1536], y[49152];
@@ -119,15 +131,16 @@ static int gemv(int argc, char **argv) {
         {
             int ith = omp_get_thread_num();
             for (int i = 0; i < nw; i++) {
-                fa_matmul(&ws[i], x, y, 1, ith, nth);
+                fa_matmul_act(q8 ? FA_ACT_Q8 : FA_ACT_F32, &ws[i], x, y, 1, ith, nth);
 #pragma omp barrier
             }
         }
         double t = now() - t0;
         if (t < best) best = t;
     }
-    printf("%s, %d thread(s), %s: %.3f ms, %.1f GB/s, %.1f GMAC/s per thread\n",
-           type == FA_Q4_1 ? "Q4_1" : "Q8_0", nth, nl ? "layers" : "head",
+    printf("%s%s, %d thread(s), %s: %.3f ms, %.1f GB/s, %.1f GMAC/s per thread\n",
+           type == FA_Q4_1 ? "Q4_1" : "Q8_0", q8 ? " (q8 activations)" : "", nth,
+           nl ? "layers" : "head",
            best * 1e3, bytes / best / 1e9, macs / best / 1e9 / nth);
     for (int i = 0; i < nw; i++) free((void *)ws[i].data);
     free(arena);
