@@ -61,9 +61,11 @@
  * depends neither on the thread count nor on n_seq: prefill and decode give
  * bit-identical products.
  *
- * Known shortcomings: both threads quantize the whole of x (duplicate work,
- * about 5% of a 2-thread prefill; sharing it needs a barrier or the engine
- * quantizing once per layer); a thread whose share of rows starts or ends
+ * Known shortcomings: both threads quantize the whole of x, and the q, k
+ * and v products (and up and gate) each quantize the same rows again, into a
+ * scratch buffer allocated per call (together about 6% of a 2-thread
+ * prefill; the engine quantizing each input once per layer would remove most
+ * of it); a thread whose share of rows starts or ends
  * inside a group of 16 computes that group whole and stores part of it
  * (fa_matmul_share splits rows evenly, not by groups); without the packed
  * copy a prefill repacks its rows on every call (about 4% of a prefill) and
