@@ -36,3 +36,20 @@ def smollm2_path():
     if path is None:
         pytest.skip("SmolLM2 GGUF not found: run `fastattn download` or set FASTATTN_TEST_MODEL")
     return path
+
+
+try:
+    from fastattn import _kernels as _K
+    SIMD_LEVELS = _K.available_simd_levels()
+except ImportError:  # no compiled core: test_import.py says so
+    _K, SIMD_LEVELS = None, []
+
+
+@pytest.fixture(params=SIMD_LEVELS)
+def level(request):
+    """Run the test at each SIMD level this CPU has, then restore the level in use."""
+    before = _K.simd_level()
+    got = _K.set_simd_level(request.param)
+    assert _K.simd_name(got) == request.param
+    yield request.param
+    _K.set_simd_level(before)

@@ -18,16 +18,6 @@ BLOCK_TYPES = [W.Q8_0, W.Q4_0, W.Q4_1]
 ALL_TYPES = FLOAT_TYPES + BLOCK_TYPES
 
 
-@pytest.fixture(params=LEVELS)
-def level(request):
-    """Run the test at one SIMD level, then restore the level in use."""
-    before = K.simd_level()
-    got = K.set_simd_level(request.param)
-    assert K.simd_name(got) == request.param
-    yield request.param
-    K.set_simd_level(before)
-
-
 def rand(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 

@@ -29,15 +29,6 @@ LEVELS = K.available_simd_levels()
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
 
 
-@pytest.fixture(params=LEVELS)
-def level(request):
-    """Run the test at one SIMD level, then restore the level in use."""
-    before = K.simd_level()
-    K.set_simd_level(request.param)
-    yield request.param
-    K.set_simd_level(before)
-
-
 # (family, config overrides): n_ctx 160 lets a sequence cross two 64-key chunks
 CONFIGS = {
     "llama-gqa-4/2": ("llama", dict(n_embd=64, n_head=4, n_kv_head=2, n_layer=3,

@@ -21,14 +21,6 @@ BLOCK_BYTES = {W.Q8_0: 34, W.Q4_0: 18, W.Q4_1: 20}
 f32 = np.float32
 
 
-@pytest.fixture(params=LEVELS)
-def level(request):
-    before = K.simd_level()
-    K.set_simd_level(request.param)
-    yield request.param
-    K.set_simd_level(before)
-
-
 # ------------------------------------------------------------ numpy model
 
 
