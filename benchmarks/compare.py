@@ -554,7 +554,7 @@ def rounds_summary(reports):
         held = sum(v >= goal for v in measured)
         verdict = f"{held} of {len(measured)}" if measured else "n/a"
         lines.append(f"  {verdict:>7}  {name:<64} "
-                     + " ".join(fmt(v, "{:.2f}") for v in values) + f"  (goal >= {goal:g})")
+                     + " ".join(fmt(v, "{:.3f}") for v in values) + f"  (goal >= {goal:g})")
     return "\n".join(lines)
 
 
@@ -674,7 +674,8 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
             mark = "n/a "
         else:
             mark = "PASS" if t["value"] >= t["goal"] else "FAIL"
-        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        # three decimals: 0.795 printed as 0.80 next to FAIL would puzzle
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"  {mark}  {t['name']:<64} {value:>7}  (goal >= {t['goal']:g})")
 
     machine = machine_line(results)

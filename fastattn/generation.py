@@ -664,13 +664,30 @@ class Model:
             end = min(begin + SCORE_CHUNK, len(ids) - 1)
             logits = self.transformer.prefill(state, ids[begin:end], all_logits=True)
             logits = np.asarray(logits, dtype=np.float64).reshape(end - begin, -1)
+            _check_finite(logits, begin, getattr(self.transformer, "kv_cache", "f32"))
             logprobs[begin + 1:end + 1] = _log_softmax_at(logits, target[begin + 1:end + 1])
         elapsed = time.perf_counter() - start
-        perplexity = float(math.exp(-np.nanmean(logprobs)))
+        nll = float(-np.nanmean(logprobs))
+        # a model this sure of the wrong tokens: exp would overflow a float
+        perplexity = math.exp(nll) if nll < math.log(np.finfo(np.float64).max) else math.inf
         self._set_stats(_finish({"load_s": self.load_s, "prompt_tokens": len(ids),
                                  "prompt_s": elapsed, "gen_tokens": 0, "gen_s": 0.0,
                                  "stopped": None}))
         return ScoreResult(ids, logprobs, perplexity)
+
+
+def _check_finite(logits, first_pos: int, kv_cache: str) -> None:
+    """GenerationError if a row of logits (positions first_pos ...) holds a NaN
+    or an infinity: a score would otherwise come out NaN with no word why."""
+    bad = ~np.isfinite(logits)
+    if not bad.any():
+        return
+    row = int(np.flatnonzero(bad.any(axis=1))[0])
+    why = ("a key or value beyond 65504 overflows the float16 KV cache "
+           "(kv_cache='f16'), or the model overflows float32"
+           if kv_cache == "f16" else "the model overflows float32")
+    raise GenerationError(f"the model's logits at position {first_pos + row} contain "
+                          f"{int(bad[row].sum())} NaN/inf values: {why}")
 
 
 def _common_prefix(a, b) -> int:

@@ -136,6 +136,38 @@ def test_not_a_model_path(tmp_path):
     assert f"fastattn: error: {tmp_path}: a folder without config.json" in r.stderr
 
 
+def test_a_fifo_as_the_model_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    r = run(["info", "-m", str(fifo)], timeout=60)  # opening it would wait for a writer
+    assert r.returncode == 1
+    assert f"fastattn: error: {fifo}: not a regular file" in r.stderr
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    os.mkfifo(folder / "config.json")
+    r = run(["info", "-m", str(folder)], timeout=60)
+    assert r.returncode == 1 and "config.json: not a regular file" in r.stderr
+
+
+def test_score_refuses_logits_that_overflow(tmp_path):
+    # weights this large push keys and values past float16's 65504: the f16
+    # cache holds inf, and the logits turn NaN
+    big = str(write_tiny_llama(tmp_path / "big.gguf", scale=1e5))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world there", encoding="utf-8")
+    r = run(["score", "-m", big, "-t", "1", "--kv-cache", "f16", str(text)])
+    assert r.returncode == 1, r.stdout
+    assert re.search(r"fastattn: error: the model's logits at position \d+ contain \d+ "
+                     r"NaN/inf values: a key or value beyond 65504 overflows the float16 "
+                     r"KV cache", r.stderr), r.stderr
+    assert "nan" not in r.stdout and "Traceback" not in r.stderr
+    r = run(["score", "-m", big, "-t", "1", str(text)])  # the float32 cache copes
+    assert r.returncode == 0, r.stderr
+    # with logits this far apart a wrong token costs more than exp() can say
+    perplexity = float(pairs(r.stdout)["perplexity"])
+    assert perplexity > 1e300 or perplexity == float("inf")
+
+
 def test_prompt_argument_not_utf8(tiny):
     # argv bytes that are not UTF-8 reach Python as lone surrogates
     r = run(["generate", "-m", tiny, "-p", b"caf\xe9 au lait"])

@@ -807,10 +807,12 @@ def load_gguf(path) -> LoadedModel:
     path = os.fspath(path)
     t0 = time.perf_counter()
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        # before open(): opening a FIFO would wait for a writer
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelFileError(f"{path}: not a regular file, so not a GGUF model")
+        size = st.st_size
         with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ModelFileError(f"{path}: not a regular file, so not a GGUF model")
             if size == 0:
                 raise ModelFileError(f"{path}: empty file, not a GGUF model")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:

@@ -26,6 +26,9 @@ from .safetensors import SafetensorsFile
 
 def _read_json(path):
     try:
+        # checked before open(): opening a FIFO would wait for a writer
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise ModelFileError(f"{path}: not a regular file")
         with open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
     except OSError as e:
