@@ -342,27 +342,19 @@ INL void scores_rows_r(float *score, int64_t lds, const float *const *qrow, cons
 INL void scores_rows_any(float *score, int64_t lds, const float *const *qrow, int nr,
                          const void *k, const int f16, const int64_t *n_t, int64_t n,
                          float scale, float *mx) {
+    /* R a constant in every call, so each size gets its own unrolled body */
+#define ROWS(R) scores_rows_r(score + r * lds, lds, qrow + r, R, k, f16, n_t + r, n, scale, mx + r)
     int r = 0;
-    for (; r + 6 <= nr; r += 6)
-        scores_rows_r(score + r * lds, lds, qrow + r, 6, k, f16, n_t + r, n, scale, mx + r);
+    for (; r + 6 <= nr; r += 6) ROWS(6);
     switch (nr - r) {
-    case 5:
-        scores_rows_r(score + r * lds, lds, qrow + r, 5, k, f16, n_t + r, n, scale, mx + r);
-        break;
-    case 4:
-        scores_rows_r(score + r * lds, lds, qrow + r, 4, k, f16, n_t + r, n, scale, mx + r);
-        break;
-    case 3:
-        scores_rows_r(score + r * lds, lds, qrow + r, 3, k, f16, n_t + r, n, scale, mx + r);
-        break;
-    case 2:
-        scores_rows_r(score + r * lds, lds, qrow + r, 2, k, f16, n_t + r, n, scale, mx + r);
-        break;
-    case 1:
-        scores_rows_r(score + r * lds, lds, qrow + r, 1, k, f16, n_t + r, n, scale, mx + r);
-        break;
+    case 5: ROWS(5); break;
+    case 4: ROWS(4); break;
+    case 3: ROWS(3); break;
+    case 2: ROWS(2); break;
+    case 1: ROWS(1); break;
     default: break;
     }
+#undef ROWS
 }
 
 /* avx512_wsum for R rows at once: each value row is loaded once and feeds
