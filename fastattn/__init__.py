@@ -33,14 +33,15 @@ def _load_core_with_passive_openmp():
 _load_core_with_passive_openmp()
 
 from .config import ModelConfig  # noqa: E402
-from .errors import (ContextOverflowError, DownloadError, FastAttnError, ModelFileError,
-                     TokenizerError, UnsupportedError)
+from .errors import (ArgumentError, ContextOverflowError, DownloadError, FastAttnError,
+                     ModelFileError, TokenizerError, UnsupportedError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ModelConfig", "FastAttnError", "ModelFileError", "UnsupportedError",
-    "ContextOverflowError", "TokenizerError", "DownloadError", "load", "__version__",
+    "ContextOverflowError", "TokenizerError", "DownloadError", "ArgumentError", "load",
+    "__version__",
 ]
 
 

@@ -9,6 +9,11 @@ class FastAttnError(Exception):
     """Base class of every error fastattn raises on purpose."""
 
 
+class ArgumentError(FastAttnError, ValueError):
+    """An argument has a value or type the call cannot take (n_threads,
+    kv_cache, activations, a rewind position)."""
+
+
 class ModelFileError(FastAttnError, ValueError):
     """A model file is missing, truncated, malformed or inconsistent."""
 

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ContextOverflowError, FastAttnError, ModelFileError, TokenizerError
+from .errors import ArgumentError, ContextOverflowError, FastAttnError, ModelFileError, TokenizerError
 from .weights import TYPES, WeightTensor, first_nonfinite, type_name
 
 log = logging.getLogger("fastattn")
@@ -117,7 +117,7 @@ def check_weights(config: ModelConfig, weights: dict) -> None:
 def check_kv_cache(kv_cache):
     """kv_cache itself if it names a KV cache type ("f32", "f16"), else ValueError."""
     if not isinstance(kv_cache, str) or kv_cache not in Transformer.KV_CACHES:
-        raise ValueError(f"kv_cache must be one of {sorted(Transformer.KV_CACHES)}, "
+        raise ArgumentError(f"kv_cache must be one of {sorted(Transformer.KV_CACHES)}, "
                          f"got {kv_cache!r}")
     return kv_cache
 
@@ -150,7 +150,7 @@ class State:
         cache entries are overwritten by the next tokens."""
         n_past = operator.index(n_past)
         if not 0 <= n_past <= self.n_past:
-            raise ValueError(f"rewind: n_past must be in [0, {self.n_past}], got {n_past}")
+            raise ArgumentError(f"rewind: n_past must be in [0, {self.n_past}], got {n_past}")
         self._state.n_past = n_past
 
     def __repr__(self):
@@ -170,11 +170,13 @@ class Transformer:
     activations: "f32" (default) multiplies every weight by float32
                activations, exactly; "q8" rounds the activations to 8-bit
                blocks for Q4_0 / Q4_1 / Q8_0 weights and uses integer dot
-               products: faster, not exact (see csrc/quant_act.c)
+               products: faster, not exact (see csrc/quant_act.c); fixed
+               for the model's lifetime (a read-only attribute)
     kv_cache : the KV cache of the states new_state makes: "f32" (default),
                exact; "f16" stores keys and values as IEEE halves, half the
                bytes (a decode reads less), not exact: each is rounded to
-               about 3 significant digits (see fa_state_init_kv)
+               about 3 significant digits (see fa_state_init_kv); may be
+               changed later by setting the attribute (checked then)
     """
 
     ACTIVATIONS = {"f32": 0, "q8": 1}
@@ -184,13 +186,13 @@ class Transformer:
                  activations="f32", kv_cache="f32"):
         from . import _engine  # the compiled core; imported here so that
                                # loaders and the reference work without it
-        if activations not in self.ACTIVATIONS:
-            raise ValueError(f"activations must be one of {sorted(self.ACTIVATIONS)}, "
+        if not isinstance(activations, str) or activations not in self.ACTIVATIONS:
+            raise ArgumentError(f"activations must be one of {sorted(self.ACTIVATIONS)}, "
                              f"got {activations!r}")
         check_kv_cache(kv_cache)
         config.validate()
         check_weights(config, weights)
-        self.activations = activations
+        self._activations = activations
         self.kv_cache = kv_cache
         self.config = config
         self.n_threads = n_threads if n_threads is not None else available_cpus()
@@ -205,7 +207,23 @@ class Transformer:
                                      self.ACTIVATIONS[activations])
         log.debug("model: %s", ", ".join(f"{k} = {v}" for k, v in config.describe()))
 
-    # ------------------------------------------------------------------ threads
+    # ------------------------------------------------------- modes and threads
+
+    @property
+    def activations(self) -> str:
+        """"f32" or "q8", fixed when the model is built (a q8 model keeps a
+        packed copy of its weights made at load)."""
+        return self._activations
+
+    @property
+    def kv_cache(self) -> str:
+        """The KV cache type of the states new_state makes; may be changed."""
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, value):
+        self._kv_cache = check_kv_cache(value)
+
 
     @property
     def n_threads(self) -> int:
@@ -214,9 +232,9 @@ class Transformer:
     @n_threads.setter
     def n_threads(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"n_threads must be a positive integer, got {value!r}")
+            raise ArgumentError(f"n_threads must be a positive integer, got {value!r}")
         if value > MAX_THREADS:
-            raise ValueError(f"n_threads must be at most {MAX_THREADS}, got {value}")
+            raise ArgumentError(f"n_threads must be at most {MAX_THREADS}, got {value}")
         cpus = available_cpus()
         if value > cpus:
             log.warning("n_threads = %d is more than the %d CPUs this process can use; "

@@ -19,6 +19,7 @@ import fastattn
 import fastattn.model
 from fastattn import _engine, reference
 from fastattn import _kernels as K
+from fastattn.errors import ArgumentError
 from fastattn.generation import Model
 from fastattn.model import Transformer
 from fastattn.testing import random_config, random_ids, random_weights
@@ -226,6 +227,25 @@ def test_bad_values(tmp_path):
     # checked before the file is read: a missing file is not the error
     with pytest.raises(ValueError, match="kv_cache must be one of"):
         Model.load(str(tmp_path / "missing.gguf"), kv_cache="half")
+
+
+def test_mode_attributes_are_checked():
+    config, weights, model = make("llama-gqa-4/2")
+    # the cache type may change between states; a bad one fails at the
+    # assignment, not later inside new_state
+    model.kv_cache = "f16"
+    assert model.new_state(8).kv_cache == "f16"
+    with pytest.raises(ArgumentError, match="got 'bogus'"):
+        model.kv_cache = "bogus"
+    assert model.kv_cache == "f16" and model.new_state(8).kv_cache == "f16"
+    # the activation mode is fixed at build time (the engine packed for it):
+    # assigning to it would be silently ignored, so it cannot be assigned
+    with pytest.raises(AttributeError):
+        model.activations = "q8"
+    assert model.activations == "f32"
+    for bad in ("q4", ["q8"], None):
+        with pytest.raises(ArgumentError, match="activations must be one of"):
+            Transformer(config, weights, activations=bad)
 
 
 # ------------------------------------------------------------ the command line
