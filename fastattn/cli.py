@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-t", "--threads", type=_thread_count, metavar="N",
                        help="threads, at most 256 (default: the CPUs this process may "
                             "use)")
-        p.add_argument("-c", "--ctx-size", type=_positive_int, metavar="N",
-                       help="context length (default: the model's)")
+        p.add_argument("-c", "--ctx-size", type=_ctx_size, metavar="N",
+                       help="context length, at least 2 (default: the model's)")
         p.add_argument("--activations", choices=["f32", "q8"], default="f32",
                        help="q8: round activations to 8 bits for quantized weights "
                             "(faster, not exact; default f32, exact)")
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     p.add_argument("--no-display-prompt", action="store_true",
                    help="print only the generated text, not the prompt first")
-    p.set_defaults(run=cmd_generate)
+    p.set_defaults(run=cmd_generate, command_parser=p)
 
     p = commands.add_parser("chat", help="talk to the model (reads lines from stdin)",
                             description="Interactive chat: one line per user turn; "
@@ -91,18 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
                                         "during a reply stops the reply.")
     model_flags(p)
     p.add_argument("--system", metavar="TEXT", help="system message")
-    p.set_defaults(run=cmd_chat)
+    p.set_defaults(run=cmd_chat, command_parser=p)
 
     p = commands.add_parser("score", help="log-probabilities and perplexity of a text",
                             description="Score FILE: perplexity (and per-token "
                                         "log-probabilities with -v).")
     p.add_argument("file", metavar="FILE")
     model_flags(p, sampling=False)
-    p.set_defaults(run=cmd_score)
+    p.set_defaults(run=cmd_score, command_parser=p)
 
     p = commands.add_parser("download", help="fetch the default model and print its path")
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
-    p.set_defaults(run=cmd_download)
+    p.set_defaults(run=cmd_download, command_parser=p)
 
     from .lab import add_verify_parser
     add_verify_parser(commands)
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("info", help="print a model's configuration and tensor types")
     p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or Hugging Face folder")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every tensor")
-    p.set_defaults(run=cmd_info)
+    p.set_defaults(run=cmd_info, command_parser=p)
     return parser
 
 
@@ -121,6 +121,15 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _ctx_size(text):
+    # a prompt takes one position and a new token another: below 2 nothing
+    # can run, whatever the model (its own limit is checked once it is read)
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
     return value
 
 
@@ -480,9 +489,11 @@ def main(argv=None) -> int:
         _check_argv_text(args)
         return args.run(args) or 0
     except UsageError as e:
+        # as argparse words its own: the subcommand's usage and name
         end_line()
-        parser.print_usage(sys.stderr)
-        err(f"{PROG}: error: {error_text(e)}")
+        sub = getattr(args, "command_parser", parser)
+        sub.print_usage(sys.stderr)
+        err(f"{sub.prog}: error: {error_text(e)}")
         return 2
     except FastAttnError as e:
         print_error(e)

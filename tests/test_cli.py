@@ -172,8 +172,9 @@ def test_prompt_argument_not_utf8(tiny):
     # argv bytes that are not UTF-8 reach Python as lone surrogates
     r = run(["generate", "-m", tiny, "-p", b"caf\xe9 au lait"])
     assert r.returncode == 2
-    assert "fastattn: error: -p: the text is not valid UTF-8 (byte 0xe9 at character 3)" \
-        in r.stderr
+    assert "fastattn generate: error: -p: the text is not valid UTF-8 (byte 0xe9 at " \
+        "character 3)" in r.stderr
+    assert r.stderr.startswith("usage: fastattn generate ")
     r = run(["generate", "-m", tiny, "-p", "hi", "--chat", "--system", b"\xff"])
     assert r.returncode == 2 and "--system: the text is not valid UTF-8 (byte 0xff" in r.stderr
     assert "Traceback" not in r.stderr
@@ -195,6 +196,10 @@ def test_bad_values(tiny):
     # libgomp would end the process when it cannot create that many threads
     r = run(["generate", "-m", tiny, "-p", "hi", "-t", "1000"])
     assert r.returncode == 2 and "must be at most 256, got 1000" in r.stderr
+    # below 2 positions nothing can run: a usage error like -c 0, before any load
+    for c in ("0", "1"):
+        r = run(["generate", "-m", tiny, "-p", "hi", "-c", c])
+        assert r.returncode == 2 and "-c/--ctx-size" in r.stderr, r.stderr
     r = run(["generate", "-m", tiny])
     assert r.returncode == 2 and "needs a prompt" in r.stderr
     r = run(["generate", "-m", tiny, "-f", "/nonexistent/prompt.txt"])
