@@ -63,10 +63,12 @@
  *
  * Known shortcomings: both threads quantize the whole of x, and the q, k
  * and v products (and up and gate) each quantize the same rows again, into a
- * scratch buffer allocated per call (together about 6% of a 2-thread
- * prefill; the engine quantizing each input once per layer would remove most
- * of it); a thread whose share of rows starts or ends
- * inside a group of 16 computes that group whole and stores part of it
+ * scratch buffer allocated per call (together about 5% of a 2-thread
+ * prefill; a build that skipped the repeated quantizing of q, k, v and of
+ * up, gate ran a SmolLM2 prefill about 2% faster, best of 5 alternating
+ * runs, so the engine quantizing each input once is worth little); a thread
+ * whose share of rows starts or ends inside a group of 16 computes that
+ * group whole and stores part of it
  * (fa_matmul_share splits rows evenly, not by groups); without the packed
  * copy a prefill repacks its rows on every call (about 4% of a prefill) and
  * a decode spends as much on the transpose as on the products; the AVX2 level
