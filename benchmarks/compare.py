@@ -246,6 +246,81 @@ def run_child(peer, spec, threads, timeout, log):
             return json.load(f)
 
 
+class Worker:
+    """One peer kept loaded in its own process (peers.py --serve), run one
+    workload at a time: the interleaved mode's child."""
+
+    def __init__(self, peer, spec, threads, timeout, log):
+        import select  # noqa: F401  (checked here: the reply wait needs it)
+        self.peer, self.timeout, self.log = peer, timeout, log
+        self.tmp = tempfile.TemporaryDirectory()
+        spec_path = os.path.join(self.tmp.name, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump({**spec, "peer": peer}, f)
+        self.errors = open(os.path.join(self.tmp.name, "stderr.txt"), "w+")
+        cmd = [sys.executable, os.path.join(HERE, "peers.py"), "--serve", spec_path]
+        self.proc = subprocess.Popen(cmd, env=child_env(threads), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.errors, text=True,
+                                     preexec_fn=_raise_priority)
+        self.ready = self._reply()
+
+    def _reply(self):
+        """The next reply line as a dict, or {"error": ...} (and the process ended)."""
+        import select
+        if self.proc.poll() is None:
+            readable, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+            line = self.proc.stdout.readline() if readable else ""
+            if line:
+                return json.loads(line)
+            why = f"no reply within {self.timeout} s" if not readable else "no reply"
+        else:
+            why = f"exit {self.proc.returncode}"
+        self.close(kill=True)
+        self.errors.seek(0)
+        text = self.errors.read()
+        self.log(text[-3000:])
+        return {"error": f"{why}: {_last_line(text)}"}
+
+    def cpu_s(self):
+        """CPU seconds the process has used, every thread (from /proc)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def run(self, workload):
+        """One run of workload (its index in the spec): ttft_s, decode_s, tokens, cpu_s."""
+        if self.proc.poll() is not None:
+            return {"error": f"exit {self.proc.returncode}"}
+        self.proc.stdin.write(json.dumps({"workload": workload}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def finish(self):
+        """Load time and memory figures; ends the process."""
+        if self.proc.poll() is not None:
+            return {"error": f"exit {self.proc.returncode}"}
+        self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+        self.proc.stdin.flush()
+        final = self._reply()
+        self.close()
+        return final
+
+    def close(self, kill=False):
+        if self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 def measure_bandwidth(threads, log):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bw.json")
@@ -280,6 +355,10 @@ def summarize(workload):
         "tokens": runs[0]["tokens"],
         "runs_decode_tok_s": [(n_gen - 1) / r["decode_s"] for r in runs
                               if r["decode_s"] > 0],
+        # interleaved runs: the bandwidth readings right before and after each
+        "runs_bw_gb_s": ([r["bw_gb_s"] for r in runs]
+                         if all(r.get("bw_gb_s") and r["decode_s"] > 0 for r in runs)
+                         else None),
     }
 
 
@@ -401,6 +480,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every system this many times over, in alternating order, "
                          "and give each round's ratios (numpy runs in the first only)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="keep every system loaded and alternate them run by run "
+                         "(rep 1 of each, then rep 2 in reverse order, ...) instead of "
+                         "running each system's reps back to back")
     ap.add_argument("--peers", default=",".join(ALL_PEERS),
                     help=f"comma-separated, among {','.join(ALL_PEERS)}")
     ap.add_argument("--numpy-prompt-tokens", type=int,
@@ -475,6 +558,7 @@ def main(argv=None):
             bw["background_cores"] = max(0.0, other / (time.perf_counter() - t0))
             bw["when"] = when
             bandwidth.append(bw)
+        return bw
 
     def run_round(order, numpy_too):
         results = {}
@@ -513,6 +597,96 @@ def main(argv=None):
         if peer.startswith("fastattn"):
             bandwidth_now(f"after {peer}")
 
+    def run_round_interleaved(order, numpy_too):
+        """Every system loaded at once, each in its own process, and run one
+        repetition at a time: rep 1 of each in order, rep 2 in reverse order,
+        and so on, so that systems compared see the host in the same phases.
+        A bandwidth reading sits between every fastattn run and the runs around
+        it; each of those runs is set against the higher of its two readings."""
+        results, workers = {}, {}
+        if numpy_too and "numpy" in order:
+            run_peer("numpy", results, numpy_too)
+        small = numpy_too and "numpy" in peers and "numpy" not in missing
+        for peer in order:
+            if peer == "numpy":
+                continue
+            if peer in missing:
+                results[peer] = {"error": missing[peer]}
+                continue
+            workloads = [main_load] + ([small_load] if small and peer == "fastattn" else [])
+            log(f"loading {peer} ...")
+            w = Worker(peer, {**base_spec, "workloads": workloads}, args.threads,
+                       args.timeout, log)
+            if "error" in w.ready:
+                results[peer] = {"error": w.ready["error"]}
+                continue
+            workers[peer] = w
+        # warm-ups, untimed
+        for peer, w in list(workers.items()):
+            for i in range(1 + (small and peer == "fastattn")):
+                got = w.run(i)
+                if "error" in got:
+                    results[peer] = got
+                    del workers[peer]
+                    break
+        runs = {p: [] for p in workers}
+        other_s = {p: 0.0 for p in workers}
+        wall_s = {p: 0.0 for p in workers}
+        idle = {p: None for p in workers}
+        last_reading = None  # a reading with no run after it yet
+        for rep in range(args.reps):
+            seq = [p for p in (order if rep % 2 == 0 else order[::-1]) if p in workers]
+            for peer in seq:
+                w = workers[peer]
+                fa = peer.startswith("fastattn")
+                log(f"{peer} run {rep + 1} of {args.reps}")
+                before = last_reading
+                if fa and before is None:
+                    before = bandwidth_now(f"before {peer}")
+                if args.wait_quiet > 0:
+                    idle[peer] = wait_quiet(args.wait_quiet, log)
+                else:
+                    # a runtime whose threads spin a while after their work
+                    # (Intel OpenMP: 200 ms by default) must not share this run
+                    time.sleep(0.5)
+                busy0, cpu0, t0 = cpu_busy_s(), w.cpu_s(), time.perf_counter()
+                got = w.run(0)
+                wall = time.perf_counter() - t0
+                last_reading = None
+                if "error" in got:
+                    results[peer] = got
+                    del workers[peer]
+                    continue
+                # CPU time of everything but this run's process (the idle
+                # peers included): the other load during the run
+                other_s[peer] += max(0.0, (cpu_busy_s() - busy0) - (w.cpu_s() - cpu0))
+                wall_s[peer] += wall
+                if fa:
+                    after = bandwidth_now(f"after {peer}")
+                    last_reading = after
+                    got["bw_gb_s"] = [b["gb_s"] for b in (before, after) if b]
+                runs[peer].append(got)
+        for peer, w in workers.items():
+            workloads = [{**main_load, "runs": runs[peer]}]
+            if small and peer == "fastattn":
+                extra = [w.run(1) for _ in range(max(3, args.reps))]
+                bad = [r for r in extra if "error" in r]
+                if bad:
+                    results[peer] = bad[0]
+                    continue
+                workloads.append({**small_load, "warmup": 1, "reps": len(extra),
+                                  "runs": extra})
+            final = w.finish()
+            if "error" in final:
+                results[peer] = final
+                continue
+            results[peer] = {**final, "workloads": workloads, "busy_before": idle[peer],
+                             "background_cores": (other_s[peer] / wall_s[peer]
+                                                  if wall_s[peer] else None)}
+        if not bandwidth:
+            bandwidth_now("after all")
+        return results
+
     # Rounds: every system once per round, the order reversed in every other
     # round.  The host's speed drifts between minutes (every system slower
     # together), so a ratio is formed within a round, between runs minutes
@@ -523,7 +697,8 @@ def main(argv=None):
             log(f"round {k + 1} of {args.rounds}")
         bandwidth = []
         order = peers if k % 2 == 0 else peers[::-1]
-        results = run_round(order, numpy_too=(k == 0))
+        results = (run_round_interleaved if args.interleave else run_round)(
+            order, numpy_too=(k == 0))
         report = build_report(args, model_path, facts, bandwidth, results,
                               [p for p in peers if p in results])
         if args.rounds > 1:
@@ -594,6 +769,7 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
     lines = [f"model   {model_path}",
              f"prompt  {args.prompt_tokens} tokens, {args.gen_tokens} new tokens (greedy), "
              f"{args.threads} threads, median of {args.reps} runs after 1 warm-up"
+             + (", systems alternated run by run" if args.interleave else "")
              + (f", measured processes at nice {args.nice}" if args.nice else ""),
              "(other load: cores used by other processes during that system's run; "
              "above ~0.1 its numbers are suspect)", "",
@@ -655,12 +831,22 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
             limit = gb_s * 1e9 / per_token
             frac = s["decode_tok_s"] / limit
             frac_low_bw = s["decode_tok_s"] * per_token / (min(around) * 1e9)
+            if s.get("runs_bw_gb_s"):
+                # interleaved: each run against the readings on either side of it,
+                # the median over runs
+                pairs = list(zip(s["runs_decode_tok_s"], s["runs_bw_gb_s"]))
+                gb_s = statistics.median(max(b) for _, b in pairs)
+                limit = gb_s * 1e9 / per_token
+                frac = statistics.median(t * per_token / (max(b) * 1e9) for t, b in pairs)
+                frac_low_bw = statistics.median(t * per_token / (min(b) * 1e9)
+                                                for t, b in pairs)
             bound[peer] = {"gb_s": gb_s, "bytes_per_token": per_token, "limit_tok_s": limit,
                            "fraction": frac, "fraction_at_lowest_reading": frac_low_bw}
             lines.append(f"  {peer:<16} reads {wbytes / 1e6:.1f} MB weights + "
                          f"{kv_tok / 1e6:.1f} MB KV cache per token (mean position "
                          f"{avg_pos:.0f}); at {gb_s:.1f} GB/s (the higher reading around "
-                         f"its run) -> limit {limit:.1f} tok/s; decode at {frac:.0%} of it"
+                         f"its run{'s, median over runs' if s.get('runs_bw_gb_s') else ''})"
+                         f" -> limit {limit:.1f} tok/s; decode at {frac:.0%} of it"
                          + (f" ({frac_low_bw:.0%} at the lower reading)"
                             if len(around) > 1 else ""))
 

@@ -15,6 +15,10 @@ new tokens; end-of-sequence tokens do not stop it.  One run is timed as
     t0 .. first token    prompt forward + argmax       -> ttft
     first token .. end   n_gen - 1 one-token forwards  -> decode time
 
+`python benchmarks/peers.py --serve SPEC.json` keeps the system loaded and runs
+one workload per request line on stdin, a reply line each on stdout (what
+compare.py --interleave drives).
+
 `python benchmarks/peers.py --prepare GGUF CACHE_DIR` builds the float32 Hugging
 Face folder and the CTranslate2 folders the torch and CTranslate2 peers read.
 """
@@ -424,7 +428,49 @@ def prepare_folders(gguf_path, out_dir, want_ct2=True):
                 os.replace(ct2_dir + ".tmp", ct2_dir)
 
 
+def serve_peer(spec, requests, replies) -> None:
+    """The same peer as run_peer, kept loaded and driven one run at a time
+    (compare.py --interleave): after loading it replies {"ready": ...}; then
+    each request line {"workload": i} gets one untimed-by-the-parent run of
+    workload i as a reply line, and {"quit": true} gets the load time and
+    memory figures.  Each reply carries this process's CPU seconds so far,
+    so the parent can tell how much CPU the idle peers took meanwhile."""
+    def reply(obj):
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    def cpu_s():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    rss_start = current_rss_mib()
+    t = time.perf_counter()
+    info, generate = RUNNERS[spec["peer"]](spec)
+    load_s = time.perf_counter() - t
+    keepalive = info.pop("_keepalive", None)  # noqa: F841
+    reply({"ready": True, "load_s": load_s, "cpu_s": cpu_s()})
+    for line in requests:
+        msg = json.loads(line)
+        if msg.get("quit"):
+            reply({"peer": spec["peer"], "info": info, "load_s": load_s,
+                   "rss_start_mib": rss_start, "peak_rss_mib": peak_rss_mib(),
+                   "cpu_s": cpu_s()})
+            return
+        w = spec["workloads"][msg["workload"]]
+        ttft, decode_s, out = generate(spec["prompts"][w["prompt"]], w["n_gen"])
+        reply({"ttft_s": ttft, "decode_s": decode_s, "tokens": out, "cpu_s": cpu_s()})
+
+
 def main(argv):
+    if argv[:1] == ["--serve"]:
+        with open(argv[1]) as f:
+            spec = json.load(f)
+        # replies go over a copy of stdout; what the peers' libraries print
+        # (to fd 1, from C or Python) goes to stderr instead of into a reply
+        replies = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        serve_peer(spec, sys.stdin, replies)
+        return 0
     if argv[:1] == ["--prepare"]:
         prepare_folders(argv[1], argv[2], want_ct2=argv[3:4] != ["--no-ct2"])
         return 0
