@@ -36,6 +36,7 @@ import numpy as np
 import regex
 
 from .errors import ModelFileError, TokenizerError, UnsupportedError
+from .files import read_json, read_json_object, read_text
 
 log = logging.getLogger(__name__)
 
@@ -577,18 +578,9 @@ def split_merge(line, source, where):
     return parts[0], parts[1]
 
 
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such file") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{path}: not valid JSON: {e}") from None
-
-
 def read_json_if_present(path):
-    return read_json(path) if os.path.exists(path) else {}
+    """The file's JSON object, or {} if there is no such file."""
+    return read_json_object(path) if os.path.lexists(path) else {}
 
 
 def dense_tokens(vocab, source):
@@ -617,13 +609,7 @@ def read_vocab_json(path):
 def read_merges_txt(path):
     """vocab.bpe / merges.txt -> [(left, right)], skipping a "#version" line."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise ModelFileError(f"{path}: not UTF-8: {e}") from None
+    lines = read_text(path).split("\n")
     merges = []
     for number, line in enumerate(lines, 1):
         if not line or (number == 1 and line.startswith("#version")):
@@ -655,8 +641,11 @@ def parse_tokenizer_json(path):
     Takes what fastattn implements (a BPE model with byte-level pre-tokenizer
     and decoder, no normalizer) and raises UnsupportedError naming anything
     else."""
-    data = read_json(path)
+    data = read_json_object(path)
     model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ModelFileError(f"{path}: model is a JSON {type(model).__name__}, not an "
+                             f"object")
     if model.get("type") != "BPE":
         raise UnsupportedError(f"{path}: model.type {model.get('type')!r} is not "
                                f"supported (supported: 'BPE')")
@@ -673,12 +662,26 @@ def parse_tokenizer_json(path):
     tokens = dense_tokens(model.get("vocab"), f"{path} model.vocab")
     token_types = [TOKEN_NORMAL] * len(tokens)
 
-    # added tokens: specials or user-defined, possibly past the model's vocab
-    for entry in data.get("added_tokens") or []:
+    # added tokens: specials or user-defined, possibly past the model's vocab,
+    # where together with it they must fill every id (checked before any list
+    # grows to an id a hostile file names)
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise ModelFileError(f"{path}: added_tokens is a JSON {type(added).__name__}, "
+                             f"not a list")
+    n_ids = len(tokens) + len(added)
+    for entry in added:
+        if not isinstance(entry, dict):
+            raise ModelFileError(f"{path}: added token {entry!r} is not an object")
         i, text = entry.get("id"), entry.get("content")
-        if not isinstance(i, int) or i < 0 or not isinstance(text, str) or not text:
+        if (not isinstance(i, int) or isinstance(i, bool) or i < 0
+                or not isinstance(text, str) or not text):
             raise ModelFileError(f"{path}: added token {entry!r} has no valid id "
                                  f"and content")
+        if i >= n_ids:
+            raise ModelFileError(f"{path}: added token {text!r} has id {i}, but the "
+                                 f"vocabulary and the {len(added)} added tokens fill "
+                                 f"only ids 0 .. {n_ids - 1}")
         if i >= len(tokens):
             tokens.extend([None] * (i + 1 - len(tokens)))
         if tokens[i] is not None and tokens[i] != text:
@@ -696,7 +699,11 @@ def parse_tokenizer_json(path):
         raise ModelFileError(f"{path}: no token has id {tokens.index(None)}")
 
     merges = []
-    for rank, entry in enumerate(model.get("merges") or []):
+    listed = model.get("merges") or []
+    if not isinstance(listed, list):
+        raise ModelFileError(f"{path}: model.merges is a JSON {type(listed).__name__}, "
+                             f"not a list")
+    for rank, entry in enumerate(listed):
         if isinstance(entry, str):
             merges.append(split_merge(entry, path, f"model.merges[{rank}]"))
         elif isinstance(entry, list) and len(entry) == 2 and all(
@@ -722,7 +729,8 @@ def hf_pre_tokenizer_name(pre, path):
         return "gpt2"
     if isinstance(pre, dict) and pre.get("type") == "Sequence":
         steps = pre.get("pretokenizers") or []
-        if (len(steps) == 2 and steps[0].get("type") == "Digits"
+        if (isinstance(steps, list) and len(steps) == 2 and isinstance(steps[0], dict)
+                and steps[0].get("type") == "Digits"
                 and steps[0].get("individual_digits") and is_byte_level(steps[1])):
             return "smollm"
     raise UnsupportedError(f"{path}: pre_tokenizer {json.dumps(pre)} is not supported "

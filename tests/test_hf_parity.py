@@ -201,3 +201,49 @@ def test_bad_folders(tmp_path):
         {"weight_map": {"model.norm.weight": "../x.safetensors"}}))
     with pytest.raises(ModelFileError, match=r"weight_map.*\.\./x\.safetensors"):
         load_hf_folder(folder)
+
+
+def test_files_in_a_folder_that_are_not_regular_files(tmp_path):
+    """A FIFO in place of any file of a folder is refused at once: opening it
+    for reading would otherwise wait for a writer forever.  Run in a child
+    with a timeout, so that a regression fails instead of hanging the suite."""
+    import os
+    import subprocess
+    import sys
+    import fastattn
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "config.json"):
+        folder = write_folder(tmp_path / name.replace(".", "_"))
+        path = folder / name
+        if path.exists():
+            path.unlink()
+        os.mkfifo(path)
+        code = ("import sys, fastattn\n"
+                "try:\n    fastattn.load(sys.argv[1], n_threads=1)\n"
+                "except fastattn.FastAttnError as e:\n    print(e)\n")
+        done = subprocess.run([sys.executable, "-c", code, str(folder)], timeout=60,
+                              capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=root))
+        assert f"{name}: not a regular file" in done.stdout, (name, done.stdout,
+                                                             done.stderr[-500:])
+
+
+def test_json_files_nested_too_deeply_or_of_the_wrong_kind(tmp_path):
+    folder = write_folder(tmp_path / "deep")
+    (folder / "config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ModelFileError, match="config.json: not valid JSON: nested too deeply"):
+        load_hf_folder(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelFileError, match="config.json: holds a JSON list, not an object"):
+        load_hf_folder(folder)
+
+    folder = write_folder(tmp_path / "tc", extra={"tokenizer_config.json": "[]"})
+    with pytest.raises(ModelFileError, match="tokenizer_config.json: holds a JSON list"):
+        load_hf_folder(folder)
+
+    folder = write_folder(tmp_path / "jinja")
+    (folder / "chat_template.jinja").write_bytes(b"{{ messages }}\xff")
+    with pytest.raises(ModelFileError, match=r"chat_template.jinja: not UTF-8 text "
+                                             r"\(invalid start byte at byte 14\)"):
+        load_hf_folder(folder)

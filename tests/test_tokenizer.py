@@ -15,6 +15,7 @@ References:
 import json
 import os
 import random
+import re
 import threading
 import time
 
@@ -842,6 +843,43 @@ def test_from_hf_folder_errors(tmp_path):
         Tokenizer.from_hf_folder(tmp_path)
     (tmp_path / "tokenizer.json").write_text(json.dumps(good))
     assert Tokenizer.from_hf_folder(tmp_path).encode("hi") == [104, 105]
+
+
+def test_hostile_tokenizer_json(tmp_path):
+    """Wrong kinds of values, deep nesting and far-away ids: a ModelFileError
+    naming the file.  The far-away id is refused by its own message, before
+    a list of 10**8 entries is grown to reach it."""
+    vocab = {BYTE_TO_CHAR[b]: b for b in range(256)}
+    good = {"model": {"type": "BPE", "vocab": vocab, "merges": []},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                              "use_regex": True},
+            "normalizer": None, "added_tokens": []}
+    path = tmp_path / "tokenizer.json"
+    seq = {"type": "Sequence", "pretokenizers": 5}
+    cases = [
+        ([], "holds a JSON list, not an object"),
+        (dict(good, model=[1]), "model is a JSON list, not an object"),
+        (dict(good, added_tokens={"a": 1}), "added_tokens is a JSON dict, not a list"),
+        (dict(good, added_tokens=[5]), "added token 5 is not an object"),
+        (dict(good, added_tokens=[{"id": True, "content": "x"}]), "no valid id"),
+        (dict(good, model=dict(good["model"], merges=7)), "model.merges is a JSON int"),
+        (dict(good, added_tokens=[{"id": 10**8, "content": "<big>"}]),
+         "added token '<big>' has id 100000000, but the vocabulary and the 1 added "
+         "tokens fill only ids 0 .. 256"),
+    ]
+    for value, match in cases:
+        path.write_text(json.dumps(value))
+        with pytest.raises(ModelFileError, match=re.escape(match)) as info:
+            Tokenizer.from_hf_folder(tmp_path)
+        assert str(path) in str(info.value)
+    # pre_tokenizer shapes that are not supported, whatever their types
+    for pre in (seq, {"type": "Sequence", "pretokenizers": [1, 2]}, [1]):
+        path.write_text(json.dumps(dict(good, pre_tokenizer=pre)))
+        with pytest.raises(UnsupportedError, match="pre_tokenizer"):
+            Tokenizer.from_hf_folder(tmp_path)
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ModelFileError, match="nested too deeply"):
+        Tokenizer.from_hf_folder(tmp_path)
 
 
 def test_openai_files_errors(tmp_path):

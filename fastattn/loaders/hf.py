@@ -9,7 +9,6 @@ stored, read-only views over the mapped files, except GPT-2's Conv1D weights,
 which are stored [n_in, n_out] and are transposed (copied) to [n_out, n_in].
 The tokenizer is left to fastattn.tokenizer ({"kind": "hf", "path": folder}).
 """
-import json
 import os
 import re
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFileError, UnsupportedError
+from ..files import read_json_object, read_text
 from ..weights import BF16, F16, F32, WeightTensor
 from . import LoadedModel
 from .safetensors import SafetensorsFile
@@ -25,16 +25,7 @@ from .safetensors import SafetensorsFile
 
 
 def _read_json(path):
-    try:
-        # checked before open(): opening a FIFO would wait for a writer
-        if os.path.exists(path) and not os.path.isfile(path):
-            raise ModelFileError(f"{path}: not a regular file")
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot read: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path}: not valid JSON: {e}") from None
+    return read_json_object(path)
 
 
 def _field(cfg, where, name, kind=int, default=None, required=True):
@@ -245,9 +236,8 @@ def _open_shards(folder):
 
 def _chat_template(folder):
     jinja = os.path.join(folder, "chat_template.jinja")
-    if os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
+    if os.path.lexists(jinja):
+        return read_text(jinja)
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.exists(path):
         return None

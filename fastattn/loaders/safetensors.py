@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ModelFileError
+from ..files import open_regular
 
 # The largest header we accept, as the reference implementation does.
 MAX_HEADER_BYTES = 100_000_000
@@ -194,7 +195,7 @@ class SafetensorsFile:
         self.path = os.fspath(path)
         self._map = None
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 8:
                     raise ModelFileError(f"{self.path}: {size} bytes, too short for the "
