@@ -538,8 +538,9 @@ class Model:
                                   f"got {max_new_tokens!r}")
         stop = _stop_list(stop)
         if not ids:
-            raise GenerationError("the prompt is empty and the model adds no bos token: "
-                                  "there is nothing to continue")
+            raise GenerationError("the prompt gives no tokens (it is empty, or holds only "
+                                  "bytes the vocabulary has no token for) and the model "
+                                  "adds no bos token: there is nothing to continue")
         if len(ids) >= self.n_ctx:
             raise ContextOverflowError(f"the prompt is {len(ids)} tokens; the context "
                                        f"(n_ctx) is {self.n_ctx}, which leaves no room "

@@ -244,6 +244,10 @@ class Tokenizer:
             whole_words = {table[i]: i for i in range(n_vocab)
                            if i not in self._special_ids}
         self._byte_ids = byte_ids
+        # bytes the vocabulary has a token for: any other byte of a text is
+        # dropped by the merge loop, as Hugging Face's tokenizer drops it
+        self._known_bytes = bytes(int(b) for b in np.flatnonzero(byte_ids >= 0))
+        self._warned_dropped = len(self._known_bytes) == 256
         self._merge_ids = merge_ids
         self._bpe = _bpe.BytePairEncoder(byte_ids, merge_ids, whole_words,
                                          cache_size=WORD_CACHE_SIZE)
@@ -305,8 +309,19 @@ class Tokenizer:
         return ids
 
     def encode_ordinary(self, text):
-        """text -> ids with no special tokens recognised."""
-        return self._bpe.encode_utf8(utf8_of(text), self._pre_mode)
+        """text -> ids with no special tokens recognised.  Bytes the
+        vocabulary has no token for are dropped (a warning says so, once per
+        tokenizer)."""
+        data = utf8_of(text)
+        if not self._warned_dropped:
+            dropped = data.translate(None, self._known_bytes)
+            if dropped:
+                self._warned_dropped = True
+                log.warning("%s: the text holds bytes the vocabulary has no token for "
+                            "(%s); they are dropped, as the model's own tokenizer "
+                            "does (said once)", self.source,
+                            ", ".join(f"0x{b:02x}" for b in sorted(set(dropped))))
+        return self._bpe.encode_utf8(data, self._pre_mode)
 
     def pre_tokenize(self, text):
         """text -> its pre-tokens, by the pre-tokenizer regex itself (the

@@ -882,6 +882,20 @@ def test_hostile_tokenizer_json(tmp_path):
         Tokenizer.from_hf_folder(tmp_path)
 
 
+def test_bytes_without_a_token_are_dropped_with_one_warning(caplog):
+    """A vocabulary without the token of some byte (SmolLM2 has none for
+    0x04, say) drops that byte, as Hugging Face's tokenizer does, and says so
+    once."""
+    tokens = [BYTE_TO_CHAR[b] for b in range(256) if b != 0x04]
+    tok = Tokenizer(tokens, [], source="no-0x04")
+    with caplog.at_level("WARNING", logger="fastattn"):
+        ids = tok.encode("a\x04b")
+        again = tok.encode("c\x04")
+    assert tok.decode(ids) == "ab" and tok.decode(again) == "c"
+    warned = [r.getMessage() for r in caplog.records if "no token for" in r.getMessage()]
+    assert len(warned) == 1 and "no-0x04" in warned[0] and "0x04" in warned[0]
+
+
 def test_openai_files_errors(tmp_path):
     encoder = tmp_path / "encoder.json"
     merges = tmp_path / "vocab.bpe"
