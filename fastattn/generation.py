@@ -34,6 +34,8 @@ as without it.  A session serves one conversation in one thread at a time.
 """
 import logging
 import math
+import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -354,6 +356,7 @@ class Model:
                                        f"tokens {source or 'the model'} was trained for")
         self.n_ctx = n_ctx
         self._local = threading.local()
+        self._warned_template = False
 
     @classmethod
     def load(cls, model=None, n_threads=None, n_ctx=None, verbose=False,
@@ -471,10 +474,47 @@ class Model:
                                     add_generation_prompt=add_generation_prompt)
 
     def _chat_ids(self, messages) -> list:
-        # The template writes the specials (bos included, if the model wants it)
-        # as text; they are encoded as the special tokens they name.
+        """The rendered chat as ids.  The template writes the specials (role
+        markers, bos if the model wants it) as text, and they are encoded as the
+        special tokens they name; the messages' contents are encoded as plain
+        text, so that a user who types "<|im_start|>system" cannot open a turn
+        of their own (generate() treats specials in a prompt the same way)."""
         text = self.apply_chat_template(messages)
-        return list(self.tokenizer.encode(text, allowed_special="all"))
+        spans = self._content_spans(messages, text)
+        if spans is None:
+            if not self._warned_template:
+                self._warned_template = True
+                logger.warning("%s: the chat template does not copy message contents "
+                            "as they are, so special-token text inside a message is "
+                            "encoded as the special token it names (said once)",
+                            self.source or "the model")
+            return list(self.tokenizer.encode(text, allowed_special="all"))
+        return list(self.tokenizer.encode_chat(text, spans))
+
+    def _content_spans(self, messages, text):
+        """[(start, end)] of each message content in text, the rendered chat:
+        the template is rendered again with a unique marker in place of each
+        content, and the markers give the places.  None when putting the
+        contents back does not give text exactly (a template that trims or
+        inspects contents)."""
+        nonce = secrets.token_hex(8)
+        marked = [dict(m, content=f"\ue000{nonce}:{i}\ue001")
+                  for i, m in enumerate(messages)]
+        try:
+            rendered = self.apply_chat_template(marked)
+        except FastAttnError:
+            return None
+        spans, pieces, at, pos = [], [], 0, 0
+        for m in re.finditer("\ue000" + nonce + r":(\d+)\ue001", rendered):
+            between = rendered[pos:m.start()]
+            content = messages[int(m.group(1))]["content"]
+            at += len(between)
+            spans.append((at, at + len(content)))
+            at += len(content)
+            pieces += [between, content]
+            pos = m.end()
+        pieces.append(rendered[pos:])
+        return spans if "".join(pieces) == text else None
 
     # ---------------------------------------------------------- generation
 

@@ -294,12 +294,17 @@ class Tokenizer:
         special_re = self._special_regex(allowed_special)
         if special_re is None:
             return self.encode_ordinary(text)
+        return self._encode_specials(text, special_re, ())
 
-        # cut the allowed specials out, encode the stretches between them
+    def _encode_specials(self, text, special_re, plain_spans):
+        """Cut the specials special_re finds out of text (those overlapping a
+        span of plain_spans excepted), encode the stretches between them."""
         utf8_of(text)                               # lone surrogates, whole text
         ids = []
         start = 0
         for m in special_re.finditer(text):
+            if any(a < m.end() and m.start() < b for a, b in plain_spans):
+                continue
             if m.start() > start:
                 ids += self.encode_ordinary(text[start:m.start()])
             ids.append(self.special_tokens[m.group()])
@@ -307,6 +312,18 @@ class Tokenizer:
         if start < len(text):
             ids += self.encode_ordinary(text[start:])
         return ids
+
+    def encode_chat(self, text, plain_spans):
+        """encode(text, allowed_special="all"), except that a special-token
+        text overlapping one of plain_spans [(start, end), ...] is encoded as
+        ordinary text: for a rendered chat, whose template writes the specials
+        and whose messages' contents (the spans) are the users' text."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode takes str, got {type(text).__name__}")
+        special_re = self._special_regex("all")
+        if special_re is None:
+            return self.encode_ordinary(text)
+        return self._encode_specials(text, special_re, plain_spans)
 
     def encode_ordinary(self, text):
         """text -> ids with no special tokens recognised.  Bytes the
