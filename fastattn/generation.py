@@ -428,8 +428,11 @@ class Model:
     @property
     def last_stats(self) -> dict:
         """Timings and the stop reason of this thread's last call:
-        load_s, prompt_tokens, prompt_s, prompt_tok_s, gen_tokens, gen_s,
-        gen_tok_s, stopped ("eos", "stop", "length", "context")."""
+        load_s, prompt_tokens (the prompt's length), prompt_eval_tokens (those
+        this call computed: not the ones a session had cached, nor those an
+        interrupted prefill did not reach), prompt_s, prompt_tok_s (of the
+        computed ones), gen_tokens, gen_s, gen_tok_s, stopped ("eos", "stop",
+        "length", "context", "interrupted")."""
         return getattr(self._local, "stats", {})
 
     def _set_stats(self, stats):
@@ -595,7 +598,8 @@ class Model:
         eos_ids = tok.eos_ids
         n_prompt = len(ids)
         stats = {"load_s": self.load_s, "prompt_tokens": n_prompt, "prompt_s": 0.0,
-                 "cached_tokens": 0, "gen_tokens": 0, "gen_s": 0.0, "stopped": "length"}
+                 "prompt_eval_tokens": 0, "cached_tokens": 0, "gen_tokens": 0,
+                 "gen_s": 0.0, "stopped": "length"}
         self._set_stats(stats)
         if max_new_tokens == 0:
             _finish(stats)
@@ -620,13 +624,16 @@ class Model:
         history = list(ids)
         n_gen = 0
         clock = time.perf_counter
+        prefill_start = None
         try:
             # in pieces, so that a KeyboardInterrupt (Ctrl-C) is raised between
             # them rather than after the whole prompt
-            start = clock()
+            start = prefill_start = clock()
             for begin in range(cached, n_prompt, PREFILL_CHUNK):
                 logits = self.transformer.prefill(state, ids[begin:begin + PREFILL_CHUNK])
                 stats["prompt_s"] = clock() - start
+            stats["prompt_eval_tokens"] = n_prompt - cached
+            prefill_start = None
 
             # gen_s counts the time spent here, not the caller's time between pieces
             while True:
@@ -670,6 +677,11 @@ class Model:
                     yield text
         except (GeneratorExit, KeyboardInterrupt):
             stats["stopped"] = "interrupted"      # the caller stopped reading, or Ctrl-C
+            if prefill_start is not None:
+                # a Ctrl-C in the prefill: count what the cache holds (the last
+                # piece may have finished as the interrupt came), not the prompt
+                stats["prompt_eval_tokens"] = max(0, min(state.n_past, n_prompt) - cached)
+                stats["prompt_s"] = clock() - prefill_start
             raise
         finally:
             if session is not None:
@@ -712,8 +724,8 @@ class Model:
         # a model this sure of the wrong tokens: exp would overflow a float
         perplexity = math.exp(nll) if nll < math.log(np.finfo(np.float64).max) else math.inf
         self._set_stats(_finish({"load_s": self.load_s, "prompt_tokens": len(ids),
-                                 "prompt_s": elapsed, "gen_tokens": 0, "gen_s": 0.0,
-                                 "stopped": None}))
+                                 "prompt_eval_tokens": len(ids) - 1, "prompt_s": elapsed,
+                                 "gen_tokens": 0, "gen_s": 0.0, "stopped": None}))
         return ScoreResult(ids, logprobs, perplexity)
 
 
@@ -770,7 +782,9 @@ def _log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def _finish(stats: dict) -> dict:
-    stats["prompt_tok_s"] = (stats["prompt_tokens"] / stats["prompt_s"]
+    # the rate of the tokens this call computed: not those a session had
+    # cached, nor those a Ctrl-C kept it from reaching
+    stats["prompt_tok_s"] = (stats["prompt_eval_tokens"] / stats["prompt_s"]
                              if stats["prompt_s"] > 0 else 0.0)
     stats["gen_tok_s"] = stats["gen_tokens"] / stats["gen_s"] if stats["gen_s"] > 0 else 0.0
     return stats
