@@ -175,8 +175,8 @@ def print_timings(stats, total_s):
         return f"{PROG}: {label:<16} = {ms:10.2f} ms / {count:5d} {unit}{rate}"
 
     err(f"{PROG}: {'load time':<16} = {stats.get('load_s', 0.0) * 1e3:10.2f} ms")
-    err(line("prompt eval time", stats.get("prompt_s", 0.0), stats.get("prompt_tokens", 0),
-             "tokens"))
+    err(line("prompt eval time", stats.get("prompt_s", 0.0),
+             stats.get("prompt_eval_tokens", stats.get("prompt_tokens", 0)), "tokens"))
     if stats.get("stopped"):                  # a generation, not a score
         err(line("eval time", stats.get("gen_s", 0.0), stats.get("gen_tokens", 0),
                  "tokens"))
@@ -226,7 +226,9 @@ def print_error(e):
 
 def resolve_model(path):
     """The model path: the flag's, or the default (downloaded, with a word on stderr)."""
-    if path:
+    if path is not None:
+        if not path:
+            raise UsageError("-m: the path is empty")
         return path
     from .download import default_model_path
     try:
@@ -266,6 +268,8 @@ def cmd_generate(args):
         raise UsageError("generate needs a prompt: -p TEXT or -f FILE")
     if args.prompt is not None and args.file is not None:
         raise UsageError("give the prompt with -p or -f, not both")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system is a chat message: it needs --chat")
     if args.file is not None:
         prompt = _read_text(args.file)
     else:
@@ -304,6 +308,8 @@ def cmd_generate(args):
 def cmd_chat(args):
     from .errors import ContextOverflowError
 
+    if sys.stdin is None:
+        raise FastAttnError("stdin is closed: chat reads one user turn per line from it")
     model = load_model(args)
     kwargs = sampling_kwargs(args, model)
     if args.n_predict is None:
@@ -336,6 +342,11 @@ def cmd_chat(args):
             return 0
         line = line.rstrip("\r\n")
         if not line.strip():
+            continue
+        problem = _unsupported_text(line, "input")
+        if problem:
+            # this turn cannot be tokenized: say so, and wait for another
+            print_error(FastAttnError(problem + "; the line was skipped"))
             continue
         history.append({"role": "user", "content": line})
 
@@ -436,32 +447,57 @@ class UsageError(FastAttnError):
     """A flag combination the parser cannot catch (exit status 2)."""
 
 
+# A prompt or a text to score larger than this is a mistake (a device, a
+# runaway pipe): SmolLM2's whole context is about 30 KiB of English.
+TEXT_FILE_LIMIT = 64 << 20
+
+
 def _read_text(path):
+    """A -f prompt or a text to score: a regular file, or a pipe (as in
+    `-f <(command)`), read up to TEXT_FILE_LIMIT bytes."""
+    from .files import read_text
+    return read_text(path, TEXT_FILE_LIMIT, error=FastAttnError, pipes=True)
+
+
+def _check_sampling(args):
+    """The sampling flags, checked by the sampler's own rules before the model
+    loads: a bad value is a usage error naming its flag."""
+    from .sampling import Sampler, SamplingError
+    if not hasattr(args, "temp"):
+        return
+    flags = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p",
+             "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "seed": "--seed"}
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise FastAttnError(f"{path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise FastAttnError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") \
-            from None
+        Sampler(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                seed=None if args.seed < 0 else args.seed)
+    except SamplingError as e:
+        name = str(e).split(" ", 1)[0]
+        raise UsageError(f"{flags.get(name, name)}: {e}") from None
+
+
+def _unsupported_text(value, what):
+    """None if value is text Python can encode as UTF-8, else the message
+    naming the first bad byte (undecodable input bytes arrive as lone
+    surrogates U+DC80..U+DCFF)."""
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        bad = value[e.start]
+        where = (f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF
+                 else f"U+{ord(bad):04X}")
+        return f"{what}: the text is not valid UTF-8 ({where} at character {e.start})"
 
 
 def _check_argv_text(args):
-    """Text given on the command line must be UTF-8.  Python hands undecodable
-    argv bytes over as lone surrogates U+DC80..U+DCFF; name the byte instead."""
+    """Text given on the command line must be UTF-8; name the bad byte."""
     for name, flag in (("prompt", "-p"), ("system", "--system")):
         value = getattr(args, name, None)
-        if not isinstance(value, str):
-            continue
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            bad = value[e.start]
-            what = (f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF
-                    else f"U+{ord(bad):04X}")
-            raise UsageError(f"{flag}: the text is not valid UTF-8 ({what} at "
-                             f"character {e.start})") from None
+        if isinstance(value, str):
+            problem = _unsupported_text(value, flag)
+            if problem:
+                raise UsageError(problem)
 
 
 def _isnan(array):
@@ -469,8 +505,25 @@ def _isnan(array):
     return np.isnan(array)
 
 
+def _quiet_exit_flush():
+    """Point stdout at devnull: what is still buffered for a stdout that fails
+    would fail again when the interpreter flushes it on exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv=None) -> int:
     global _line_open
+    # a stream the shell closed (`>&-`) is None here; argparse and the error
+    # messages need somewhere to write
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+    stdout_closed = sys.stdout is None
+    if stdout_closed:
+        sys.stdout = open(os.devnull, "w")
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -483,10 +536,17 @@ def main(argv=None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    if hasattr(sys.stdin, "reconfigure"):
+        # bytes that are not UTF-8 arrive as lone surrogates, which chat
+        # names, instead of a decoding error in the middle of a read
+        sys.stdin.reconfigure(errors="surrogateescape")
 
     _line_open = False
     try:
+        if stdout_closed:
+            raise FastAttnError("stdout is closed: there is nowhere to write the output")
         _check_argv_text(args)
+        _check_sampling(args)
         return args.run(args) or 0
     except UsageError as e:
         # as argparse words its own: the subcommand's usage and name
@@ -512,5 +572,16 @@ def main(argv=None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as e:
+        # writing the output failed (a full disk; /dev/full): files fastattn
+        # reads report their own errors as FastAttnError
+        where = f"{e.filename}: " if e.filename else "writing the output: "
+        print_error(FastAttnError(where + (e.strerror or str(e))))
+        _quiet_exit_flush()
+        return 1
+    except MemoryError as e:
+        # an allocation outside the engine's own checks (numpy's, say)
+        print_error(FastAttnError("out of memory" + (f": {e}" if str(e) else "")))
+        return 1
     finally:
         logger.removeHandler(handler)

@@ -187,10 +187,25 @@ def test_bad_flag():
     assert "Traceback" not in r.stderr
 
 
-def test_bad_values(tiny):
-    r = run(["generate", "-m", tiny, "-p", "hi", "--top-p", "1.5", "-t", "1"])
-    assert r.returncode == 1
-    assert "fastattn: error: top_p must be in (0.0, 1.0], got 1.5" in r.stderr
+def test_bad_values(tiny, tmp_path):
+    # sampling values are usage errors, found before the model loads: the
+    # model path does not exist and is not what is reported
+    missing = str(tmp_path / "not-read.gguf")
+    for flag, value, message in (
+            ("--top-p", "1.5", "--top-p: top_p must be in (0.0, 1.0], got 1.5"),
+            ("--top-p", "0", "--top-p: top_p must be in (0.0, 1.0], got 0.0"),
+            ("--temp", "nan", "--temp: temperature must be a finite number"),
+            ("--top-k", "-1", "--top-k: top_k must be >= 0, got -1"),
+            ("--min-p", "2", "--min-p: min_p must be in [0.0, 1.0], got 2.0"),
+            ("--repeat-penalty", "0", "--repeat-penalty: repeat_penalty must be in")):
+        r = run(["generate", "-m", missing, "-p", "hi", flag, value])
+        assert r.returncode == 2, r.stderr
+        assert f"fastattn generate: error: {message}" in r.stderr
+        assert "not-read.gguf" not in r.stderr and "Traceback" not in r.stderr
+    r = run(["generate", "-m", "", "-p", "hi"])
+    assert r.returncode == 2 and "-m: the path is empty" in r.stderr
+    r = run(["generate", "-m", missing, "-p", "hi", "--system", "be brief"])
+    assert r.returncode == 2 and "--system is a chat message: it needs --chat" in r.stderr
     r = run(["generate", "-m", tiny, "-p", "hi", "-t", "0"])
     assert r.returncode == 2 and "must be a positive integer" in r.stderr
     # libgomp would end the process when it cannot create that many threads
@@ -358,6 +373,63 @@ def test_chat_at_eof_right_away(tiny):
     assert r.returncode == 0 and r.stdout == ""
 
 
+def test_chat_skips_a_line_that_is_not_utf8(tiny, model):
+    """The bad line is named and skipped; the chat goes on with the next."""
+    want = model.chat([{"role": "user", "content": "hello"}], max_new_tokens=6,
+                      temperature=0)
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT, PYTHONIOENCODING="utf-8")
+    r = subprocess.run([sys.executable, "-m", "fastattn", "chat", "-m", tiny, "-n", "6",
+                        "--temp", "0", "-t", "1"], input=b"caf\xe9 noir\nhello\n",
+                       capture_output=True, env=env, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "input: the text is not valid UTF-8 (byte 0xe9 at character 3); the line " \
+           "was skipped" in err
+    assert r.stdout.decode() == want + "\n"
+
+
+# ------------------------------------------------------- closed or full streams
+
+def run_shell(command, tiny):
+    """A shell line with `FA` standing for `python -m fastattn`."""
+    fa = f"{sys.executable} -m fastattn"
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT, PYTHONIOENCODING="utf-8", TINY=tiny)
+    return subprocess.run(["bash", "-c", command.replace("FA", fa)], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_closed_and_full_streams_give_one_error_line(tiny):
+    cases = [
+        ('FA generate -q -t 1 -n 4 --temp 0 -m "$TINY" -p hi >&-',
+         "stdout is closed: there is nowhere to write the output"),
+        ('FA generate -q -t 1 -n 4 --temp 0 -m "$TINY" -p hi > /dev/full',
+         "writing the output: No space left on device"),
+        ('FA chat -q -t 1 -n 4 --temp 0 -m "$TINY" <&-',
+         "stdin is closed: chat reads one user turn per line from it"),
+        ('printf "hi\\n" | FA chat -q -t 1 -n 4 --temp 0 -m "$TINY" >&-',
+         "stdout is closed"),
+    ]
+    for command, message in cases:
+        r = run_shell(command, tiny)
+        assert r.returncode == 1, (command, r.stderr)
+        assert f"fastattn: error: {message}" in r.stderr, (command, r.stderr)
+        assert "Traceback" not in r.stderr, command
+
+
+def test_text_files_that_never_end_are_refused(tiny, tmp_path):
+    # a device (refused at once) and a pipe past the size limit
+    r = run(["generate", "-m", tiny, "-t", "1", "-f", "/dev/zero"])
+    assert r.returncode == 1 and "/dev/zero: not a regular file or a pipe" in r.stderr
+    r = run(["score", "/dev/zero", "-m", tiny, "-t", "1"])
+    assert r.returncode == 1 and "/dev/zero: not a regular file or a pipe" in r.stderr
+    r = run_shell('FA generate -q -t 1 -n 2 --temp 0 -m "$TINY" '
+                  '-f <(head -c 70000000 /dev/zero)', tiny)
+    assert r.returncode == 1 and "larger than 67108864 bytes" in r.stderr, r.stderr
+    # a pipe of ordinary size works as a file would
+    r = run_shell('FA generate -q -t 1 -n 2 --temp 0 -m "$TINY" -f <(printf hello)', tiny)
+    assert r.returncode == 0 and r.stdout.startswith("hello"), r.stderr
+
+
 # --------------------------------------------------------------------- score
 
 def test_score(tiny, model, tmp_path):
@@ -446,6 +518,8 @@ def test_ctrl_c_during_a_long_prefill(tmp_path, monkeypatch, capsys):
     assert calls == [256, 256]
     assert out == prompt + "\n"
     assert "stopped by       = interrupted" in errors and "Traceback" not in errors
+    # the timings count the 512 tokens computed, not the whole prompt
+    assert re.search(r"prompt eval time = +[\d.]+ ms / +512 tokens", errors), errors
 
 
 def test_ctrl_c_during_a_chat_reply_returns_to_the_prompt(tiny, model, monkeypatch,
