@@ -855,16 +855,29 @@ class Lab:
 
     def check_ids(self, ids):
         """ids as int64 [n_seq], after the checks that name the culprit."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
+        array = np.asarray(ids)
+        if array.size == 0:
             raise TokenizerError("the lab needs at least one token; the text gave none")
-        if ids.size > self.config.n_ctx:
-            raise ContextOverflowError(f"{ids.size} tokens is more than the context "
-                                       f"(n_ctx) of {self.config.n_ctx}")
-        bad = ids[(ids < 0) | (ids >= self.config.n_vocab)]
+        if array.dtype == object and all(isinstance(i, int) and not isinstance(i, bool)
+                                         for i in array.reshape(-1)):
+            # Python ints too large for any numpy integer type
+            big = next(int(i) for i in array.reshape(-1)
+                       if not 0 <= i < self.config.n_vocab)
+            raise TokenizerError(f"token id {big} is outside the vocabulary "
+                                 f"[0, {self.config.n_vocab})")
+        if array.dtype.kind not in "iu":
+            raise TokenizerError(f"token ids must be integers, got {array.dtype} values")
+        if array.ndim != 1:
+            raise TokenizerError(f"token ids must be a flat sequence, got shape "
+                                 f"{array.shape}")
+        bad = array[(array < 0) | (array >= self.config.n_vocab)]
         if bad.size:
             raise TokenizerError(f"token id {int(bad[0])} is outside the vocabulary "
                                  f"[0, {self.config.n_vocab})")
+        ids = array.astype(np.int64)
+        if ids.size > self.config.n_ctx:
+            raise ContextOverflowError(f"{ids.size} tokens is more than the context "
+                                       f"(n_ctx) of {self.config.n_ctx}")
         return ids
 
     def baseline(self, ids):
@@ -965,11 +978,13 @@ class Lab:
         ids = self.check_ids(ids)
         if variants is None:
             variants = default_variants()
+        elif isinstance(variants, (str, Variant)) or callable(variants):
+            variants = [variants]            # one variant, not a sequence of them
         variants = [resolve_variant(v) for v in variants]
-        if not tol > 0:
-            raise LabError(f"tol must be > 0, got {tol!r}")
-        if not kl_tol >= 0:
-            raise LabError(f"kl_tol must be >= 0, got {kl_tol!r}")
+        if not (tol > 0 and math.isfinite(tol)):
+            raise LabError(f"tol must be a finite number > 0, got {tol!r}")
+        if not (kl_tol >= 0 and math.isfinite(kl_tol)):
+            raise LabError(f"kl_tol must be a finite number >= 0, got {kl_tol!r}")
 
         with np.errstate(all="ignore"):
             base = self.baseline(ids)
@@ -1257,15 +1272,42 @@ def _expand_variants(names):
 
 
 def _read_text(text):
+    """--text: a path to a text file, or else the text itself."""
     if text is None:
         return DEFAULT_TEXT, "(built-in paragraph)"
-    if os.path.isfile(text):
-        try:
-            with open(text, encoding="utf-8") as f:
-                return f.read(), text
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LabError(f"{text}: cannot read the text: {exc}") from exc
+    if os.path.exists(text):
+        from .files import read_text
+        return read_text(text, 64 << 20, error=LabError, pipes=True), text
     return text, "(command line)"
+
+
+def _check_outputs(args):
+    """--json and --plot, checked before the run rather than after it."""
+    from .model import MAX_THREADS
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise LabError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+    if not (math.isfinite(args.tol) and args.tol > 0):
+        raise LabError(f"--tol must be a finite number > 0, got {args.tol}")
+    if not (math.isfinite(args.kl_tol) and args.kl_tol >= 0):
+        raise LabError(f"--kl-tol must be a finite number >= 0, got {args.kl_tol}")
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise LabError(f"{flag} {out}: the folder {folder} does not exist")
+        if os.path.isdir(out):
+            raise LabError(f"{flag} {out}: is a directory")
+    if args.plot is not None:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise LabError("--plot needs matplotlib (pip install matplotlib)") from None
+        kinds = Figure().canvas.get_supported_filetypes()
+        ext = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        if ext not in kinds:
+            raise LabError(f"--plot {args.plot}: matplotlib cannot write .{ext} files "
+                           f"(it writes {', '.join(sorted(kinds))})")
 
 
 @contextlib.contextmanager
@@ -1298,16 +1340,15 @@ def run_verify(args) -> int:
             variants = [resolve_variant(v) for v in names]
         if args.max_tokens is not None and args.max_tokens < 1:
             raise LabError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        _check_outputs(args)
 
         path = args.model
         if path is None:
             from .download import default_model_path
             path = str(default_model_path())
-        start = time.perf_counter()
-        if args.threads is not None and args.threads < 1:
-            raise LabError(f"--threads must be >= 1, got {args.threads}")
-        lab = Lab.from_file(path, engine_threads=args.threads)
         text, origin = _read_text(args.text)
+        start = time.perf_counter()
+        lab = Lab.from_file(path, engine_threads=args.threads)
 
         from .tokenizer import Tokenizer
         ids = list(Tokenizer.from_loaded(lab.loaded.tokenizer).encode(text))
@@ -1332,7 +1373,12 @@ def run_verify(args) -> int:
     print(report.table(per_layer=args.per_layer))
     status = 0 if report.ok else 1
     if args.json:
-        report.write_json(args.json)
+        try:
+            report.write_json(args.json)
+        except OSError as exc:
+            print(f"fastattn verify: error: {args.json}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
         print(f"\nwrote {args.json}")
     if args.plot:
         try:

@@ -304,8 +304,21 @@ def test_bad_ids_and_tolerances_raise_clear_errors():
         L.run([1, 2, L.config.n_vocab], ["reference"])
     with pytest.raises(FastAttnError, match="at least one token"):
         L.run([], ["reference"])
-    with pytest.raises(FastAttnError, match="tol must be > 0"):
+    with pytest.raises(FastAttnError, match="tol must be a finite number > 0"):
         L.run([1, 2], ["reference"], tol=0)
+    with pytest.raises(FastAttnError, match="tol must be a finite number > 0"):
+        L.run([1, 2], ["reference"], tol=float("inf"))   # would call anything exact
+    # ids that are not a flat sequence of integers are refused, not coerced
+    for bad, match in (([1.7, 2.2], "must be integers, got float64"),
+                       (["a"], "must be integers"), ([[1, 2], [3, 4]], "flat sequence"),
+                       ([True, False], "must be integers, got bool"),
+                       ([2**63], "token id 9223372036854775808 is outside"),
+                       ([2**70], "token id 1180591620717411303424 is outside"),
+                       (np.array([2**64 - 1], dtype=np.uint64), "token id 18446744073709551615")):
+        with pytest.raises(FastAttnError, match=match):
+            L.run(bad, ["reference"])
+    # one variant given as a string is that variant, not its characters
+    assert [r.name for r in L.run([1, 2, 3], "reference").results] == ["reference"]
 
 
 # ------------------------------------------------------------ command line
@@ -377,6 +390,36 @@ def test_python_m_fastattn_lab_and_exit_codes(tiny_gguf, tmp_path, capsys, monke
     assert lab.main(["--list-variants"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in lab.BUILTINS)
+
+
+def test_bad_outputs_are_refused_before_the_model_loads(tmp_path, capsys):
+    """--json / --plot / -t / --tol mistakes are exit status 2 at once: the
+    model path given does not exist, and it is not the error reported."""
+    missing_model = str(tmp_path / "not-read.gguf")
+    cases = [
+        (["--json", str(tmp_path / "no" / "dir" / "r.json")], "does not exist"),
+        (["--json", str(tmp_path)], "is a directory"),
+        (["--plot", str(tmp_path / "no" / "p.png")], "does not exist"),
+        (["-t", "1000"], "--threads must be in [1, 256], got 1000"),
+        (["-t", "0"], "--threads must be in [1, 256], got 0"),
+        (["--tol", "inf"], "--tol must be a finite number > 0"),
+        (["--kl-tol", "nan"], "--kl-tol must be a finite number >= 0"),
+    ]
+    for extra, message in cases:
+        assert lab.main(["-m", missing_model, "--variant", "reference", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "not-read.gguf" not in err, (extra, err)
+    # the text: a folder or a device is not a text file
+    assert lab.main(["-m", missing_model, "--variant", "reference", "--text",
+                     str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_plot_format_is_checked_before_the_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert lab.main(["-m", str(tmp_path / "not-read.gguf"), "--variant", "reference",
+                     "--plot", str(tmp_path / "p.xyz")]) == 2
+    assert "matplotlib cannot write .xyz files" in capsys.readouterr().err
 
 
 def test_plot_without_matplotlib_says_so(tiny_gguf, tmp_path, capsys, monkeypatch):
