@@ -631,6 +631,7 @@ def main(argv=None):
                     break
         runs = {p: [] for p in workers}
         other_s = {p: 0.0 for p in workers}
+        idle_s = {p: {} for p in workers}   # CPU seconds of idle peers during p's runs
         wall_s = {p: 0.0 for p in workers}
         idle = {p: None for p in workers}
         last_reading = None  # a reading with no run after it yet
@@ -649,18 +650,26 @@ def main(argv=None):
                     # a runtime whose threads spin a while after their work
                     # (Intel OpenMP: 200 ms by default) must not share this run
                     time.sleep(0.5)
-                busy0, cpu0, t0 = cpu_busy_s(), w.cpu_s(), time.perf_counter()
+                idle0 = {p: v.cpu_s() for p, v in workers.items()}
+                busy0, t0 = cpu_busy_s(), time.perf_counter()
                 got = w.run(0)
                 wall = time.perf_counter() - t0
+                busy1 = cpu_busy_s()
+                idle1 = {p: v.cpu_s() for p, v in workers.items()}
                 last_reading = None
                 if "error" in got:
                     results[peer] = got
                     del workers[peer]
                     continue
                 # CPU time of everything but this run's process (the idle
-                # peers included): the other load during the run
-                other_s[peer] += max(0.0, (cpu_busy_s() - busy0) - (w.cpu_s() - cpu0))
+                # peers included): the other load during the run; the idle
+                # peers' own share is kept by name
+                own = idle1[peer] - idle0[peer]
+                other_s[peer] += max(0.0, (busy1 - busy0) - own)
                 wall_s[peer] += wall
+                for p in idle0:
+                    if p != peer and idle1[p] - idle0[p] > 0:
+                        idle_s[peer][p] = idle_s[peer].get(p, 0.0) + idle1[p] - idle0[p]
                 if fa:
                     after = bandwidth_now(f"after {peer}")
                     last_reading = after
@@ -682,7 +691,10 @@ def main(argv=None):
                 continue
             results[peer] = {**final, "workloads": workloads, "busy_before": idle[peer],
                              "background_cores": (other_s[peer] / wall_s[peer]
-                                                  if wall_s[peer] else None)}
+                                                  if wall_s[peer] else None),
+                             "idle_peers_cores": {p: t / wall_s[peer]
+                                                  for p, t in idle_s[peer].items()
+                                                  if wall_s[peer]}}
         if not bandwidth:
             bandwidth_now("after all")
         return results
@@ -755,6 +767,10 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
                 if fa and peer != "fastattn" else "-")
         note = [] if s["n_gen_done"] == s["n_gen"] else [
             f"stopped early after {s['n_gen_done']} tokens"]
+        busy_idle = {p: c for p, c in (r.get("idle_peers_cores") or {}).items() if c >= 0.02}
+        if busy_idle:
+            note.append("idle peers used " + ", ".join(
+                f"{p} {c:.2f}" for p, c in sorted(busy_idle.items(), key=lambda i: -i[1])))
         rows.append([
             peer, r["info"].get("weights", "?"),
             fmt(s["prefill_tok_s"]), fmt(s["ttft_s"] * 1e3), fmt(s["decode_tok_s"]),
