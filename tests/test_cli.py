@@ -416,6 +416,23 @@ def test_closed_and_full_streams_give_one_error_line(tiny):
         assert "Traceback" not in r.stderr, command
 
 
+def test_an_allocation_failing_outside_the_engine(tiny, tmp_path, monkeypatch, capsys):
+    """numpy's MemoryError (scoring a long text under a memory cap, say) is
+    one error line and exit 1, not a traceback."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox")
+
+    def score(self, text):
+        raise MemoryError("Unable to allocate 192. MiB for an array with shape "
+                          "(512, 49152) and data type float64")
+
+    monkeypatch.setattr(Model, "score", score)
+    assert cli.main(["score", str(text), "-m", tiny, "-t", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("fastattn: error: out of memory: Unable to allocate 192. MiB "
+                           "for an array with shape (512, 49152) and data type float64")
+
+
 def test_text_files_that_never_end_are_refused(tiny, tmp_path):
     # a device (refused at once) and a pipe past the size limit
     r = run(["generate", "-m", tiny, "-t", "1", "-f", "/dev/zero"])
