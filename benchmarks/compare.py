@@ -395,6 +395,13 @@ def table(rows, headers, align):
 # --------------------------------------------------------------- interference
 
 
+def cpu_steal_s():
+    """Seconds of CPU time the hypervisor has taken from this machine's CPUs."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_busy_s():
     """Seconds of CPU time the whole machine has spent busy (steal included)."""
     with open("/proc/stat") as f:
@@ -632,18 +639,22 @@ def main(argv=None):
         runs = {p: [] for p in workers}
         other_s = {p: 0.0 for p in workers}
         idle_s = {p: {} for p in workers}   # CPU seconds of idle peers during p's runs
+        steal_s = {p: 0.0 for p in workers}  # of which the hypervisor took
         wall_s = {p: 0.0 for p in workers}
         idle = {p: None for p in workers}
-        last_reading = None  # a reading with no run after it yet
+        # one bandwidth reading before each cycle of runs and one after the
+        # last.  A reading between two particular runs would tilt them: the
+        # gigabyte it allocates and frees left the host taking CPU time
+        # (steal, 0.05-0.2 cores) from the run right after it
+        cycle_bw = []
         for rep in range(args.reps):
             seq = [p for p in (order if rep % 2 == 0 else order[::-1]) if p in workers]
+            if any(p.startswith("fastattn") for p in seq):
+                cycle_bw.append(bandwidth_now(f"before cycle {rep + 1}"))
             for peer in seq:
                 w = workers[peer]
                 fa = peer.startswith("fastattn")
                 log(f"{peer} run {rep + 1} of {args.reps}")
-                before = last_reading
-                if fa and before is None:
-                    before = bandwidth_now(f"before {peer}")
                 if args.wait_quiet > 0:
                     idle[peer] = wait_quiet(args.wait_quiet, log)
                 else:
@@ -651,12 +662,12 @@ def main(argv=None):
                     # (Intel OpenMP: 200 ms by default) must not share this run
                     time.sleep(0.5)
                 idle0 = {p: v.cpu_s() for p, v in workers.items()}
-                busy0, t0 = cpu_busy_s(), time.perf_counter()
+                busy0, steal0, t0 = cpu_busy_s(), cpu_steal_s(), time.perf_counter()
                 got = w.run(0)
                 wall = time.perf_counter() - t0
                 busy1 = cpu_busy_s()
+                steal_s[peer] += cpu_steal_s() - steal0
                 idle1 = {p: v.cpu_s() for p, v in workers.items()}
-                last_reading = None
                 if "error" in got:
                     results[peer] = got
                     del workers[peer]
@@ -671,10 +682,15 @@ def main(argv=None):
                     if p != peer and idle1[p] - idle0[p] > 0:
                         idle_s[peer][p] = idle_s[peer].get(p, 0.0) + idle1[p] - idle0[p]
                 if fa:
-                    after = bandwidth_now(f"after {peer}")
-                    last_reading = after
-                    got["bw_gb_s"] = [b["gb_s"] for b in (before, after) if b]
+                    got["cycle"] = len(cycle_bw) - 1
                 runs[peer].append(got)
+        if cycle_bw:
+            cycle_bw.append(bandwidth_now("after the last cycle"))
+            for peer_runs in runs.values():
+                for got in peer_runs:
+                    if "cycle" in got:
+                        pair = cycle_bw[got["cycle"]:got["cycle"] + 2]
+                        got["bw_gb_s"] = [b["gb_s"] for b in pair if b]
         for peer, w in workers.items():
             workloads = [{**main_load, "runs": runs[peer]}]
             if small and peer == "fastattn":
@@ -694,7 +710,9 @@ def main(argv=None):
                                                   if wall_s[peer] else None),
                              "idle_peers_cores": {p: t / wall_s[peer]
                                                   for p, t in idle_s[peer].items()
-                                                  if wall_s[peer]}}
+                                                  if wall_s[peer]},
+                             "steal_cores": (steal_s[peer] / wall_s[peer]
+                                             if wall_s[peer] else None)}
         if not bandwidth:
             bandwidth_now("after all")
         return results
@@ -767,6 +785,9 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
                 if fa and peer != "fastattn" else "-")
         note = [] if s["n_gen_done"] == s["n_gen"] else [
             f"stopped early after {s['n_gen_done']} tokens"]
+        if (r.get("steal_cores") or 0) >= 0.02:
+            note.append(f"of the other load, {r['steal_cores']:.2f} cores taken by the "
+                        f"hypervisor (steal)")
         busy_idle = {p: c for p, c in (r.get("idle_peers_cores") or {}).items() if c >= 0.02}
         if busy_idle:
             note.append("idle peers used " + ", ".join(
@@ -839,6 +860,8 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
                                      ("fastattn-q8-kv16", facts["weight_bytes"], kv16)):
             around = [b["gb_s"] for b in bandwidth if b["when"].endswith(" " + peer)]
             s = summaries.get(peer, [None])[0]
+            if s and s.get("runs_bw_gb_s"):
+                around = [g for pair in s["runs_bw_gb_s"] for g in pair]
             if not around or not s:
                 continue
             # the higher reading is the limit: a claimed fraction is then never flattered
@@ -860,8 +883,10 @@ def build_report(args, model_path, facts, bandwidth, results, peers):
                            "fraction": frac, "fraction_at_lowest_reading": frac_low_bw}
             lines.append(f"  {peer:<16} reads {wbytes / 1e6:.1f} MB weights + "
                          f"{kv_tok / 1e6:.1f} MB KV cache per token (mean position "
-                         f"{avg_pos:.0f}); at {gb_s:.1f} GB/s (the higher reading around "
-                         f"its run{'s, median over runs' if s.get('runs_bw_gb_s') else ''})"
+                         f"{avg_pos:.0f}); at {gb_s:.1f} GB/s ("
+                         + ("the higher of the readings before and after each run's "
+                            "cycle, median over runs" if s.get('runs_bw_gb_s') else
+                            "the higher reading around its run") + ")"
                          f" -> limit {limit:.1f} tok/s; decode at {frac:.0%} of it"
                          + (f" ({frac_low_bw:.0%} at the lower reading)"
                             if len(around) > 1 else ""))
