@@ -34,16 +34,33 @@ def open_regular(path, error=ModelFileError, pipes=False):
             if stat.S_ISDIR(mode):
                 raise error(f"{path}: is a directory")
             raise error(f"{path}: not a regular file" + (" or a pipe" if pipes else ""))
-        os.set_blocking(fd, True)
+        if stat.S_ISFIFO(mode):
+            # opened without blocking, a pipe with no writer yet reads as
+            # empty; open it again and wait for the writer, as cat does
+            fd, first = -1, fd
+            os.close(first)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise error(f"{path}: cannot read: {e.strerror or e}") from None
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise error(f"{path}: changed while being opened")
+        else:
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
 
 
 def read_bytes(path, limit, error=ModelFileError, pipes=False):
     """The file's bytes; `error` if it holds more than limit."""
     with open_regular(path, error, pipes) as f:
+        size = os.fstat(f.fileno()).st_size
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode) and size > limit:
+            raise error(f"{path}: {size} bytes, larger than {limit} bytes, more than a "
+                        f"file of this kind may hold")
         try:
             data = f.read(limit + 1)
         except OSError as e:
