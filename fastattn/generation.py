@@ -356,7 +356,6 @@ class Model:
                                        f"tokens {source or 'the model'} was trained for")
         self.n_ctx = n_ctx
         self._local = threading.local()
-        self._warned_template = False
 
     @classmethod
     def load(cls, model=None, n_threads=None, n_ctx=None, verbose=False,
@@ -483,41 +482,53 @@ class Model:
         text, so that a user who types "<|im_start|>system" cannot open a turn
         of their own (generate() treats specials in a prompt the same way)."""
         text = self.apply_chat_template(messages)
-        spans = self._content_spans(messages, text)
-        if spans is None:
-            if not self._warned_template:
-                self._warned_template = True
-                logger.warning("%s: the chat template does not copy message contents "
-                            "as they are, so special-token text inside a message is "
-                            "encoded as the special token it names (said once)",
-                            self.source or "the model")
-            return list(self.tokenizer.encode(text, allowed_special="all"))
-        return list(self.tokenizer.encode_chat(text, spans))
+        marked, spans = self._content_spans(messages, text)
+        if spans is not None:
+            return list(self.tokenizer.encode_chat(text, spans))
+        # The contents could not be found in the text (a template that
+        # rewrites them).  Recognising every special is safe only if the
+        # contents added none: the text must hold the specials the template
+        # wrote with every content replaced by a marker, and no more.
+        found = self.tokenizer.special_texts_in(text)
+        if marked is None or found != self.tokenizer.special_texts_in(marked):
+            raise ChatTemplateError(
+                "the chat template rewrites message contents, and the rendered chat "
+                "holds special tokens the template alone does not write: a message "
+                "holds special-token text, which fastattn cannot then keep plain; "
+                "remove it from the message")
+        return list(self.tokenizer.encode(text, allowed_special="all"))
 
     def _content_spans(self, messages, text):
-        """[(start, end)] of each message content in text, the rendered chat:
-        the template is rendered again with a unique marker in place of each
-        content, and the markers give the places.  None when putting the
-        contents back does not give text exactly (a template that trims or
-        inspects contents)."""
+        """(the chat rendered with a marker for each content, [(start, end)]
+        of each content in text), text being the chat rendered as it is.  The
+        markers give the places; a content may appear as it is or stripped of
+        surrounding white space (a template's `| trim`).  The spans are None
+        when no such reading gives text exactly."""
         nonce = secrets.token_hex(8)
         marked = [dict(m, content=f"\ue000{nonce}:{i}\ue001")
                   for i, m in enumerate(messages)]
         try:
             rendered = self.apply_chat_template(marked)
         except FastAttnError:
-            return None
-        spans, pieces, at, pos = [], [], 0, 0
+            return None, None
+        spans, at, pos = [], 0, 0
         for m in re.finditer("\ue000" + nonce + r":(\d+)\ue001", rendered):
             between = rendered[pos:m.start()]
-            content = messages[int(m.group(1))]["content"]
+            if not text.startswith(between, at):
+                return rendered, None
             at += len(between)
-            spans.append((at, at + len(content)))
-            at += len(content)
-            pieces += [between, content]
+            content = messages[int(m.group(1))]["content"]
+            for form in (content, content.strip()):
+                if text.startswith(form, at):
+                    break
+            else:
+                return rendered, None
+            spans.append((at, at + len(form)))
+            at += len(form)
             pos = m.end()
-        pieces.append(rendered[pos:])
-        return spans if "".join(pieces) == text else None
+        if text[at:] != rendered[pos:]:
+            return rendered, None
+        return rendered, spans
 
     # ---------------------------------------------------------- generation
 

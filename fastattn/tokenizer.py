@@ -296,6 +296,12 @@ class Tokenizer:
             return self.encode_ordinary(text)
         return self._encode_specials(text, special_re, ())
 
+    def special_texts_in(self, text):
+        """The special-token texts in text, in order (as encode with
+        allowed_special="all" would read them)."""
+        special_re = self._special_regex("all")
+        return [] if special_re is None else special_re.findall(text)
+
     def _encode_specials(self, text, special_re, plain_spans):
         """Cut the specials special_re finds out of text (those overlapping a
         span of plain_spans excepted), encode the stretches between them."""

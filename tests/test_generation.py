@@ -356,7 +356,7 @@ def test_chat_uses_the_template(model):
     assert streamed == reply
 
 
-def test_special_token_text_in_a_message_stays_text(model, tmp_path, caplog):
+def test_special_token_text_in_a_message_stays_text(model, tmp_path):
     """A user who types the template's own markers cannot open a turn: only
     the template's markers become special tokens; the contents are text."""
     im_start, im_end = 1, 2
@@ -374,21 +374,27 @@ def test_special_token_text_in_a_message_stays_text(model, tmp_path, caplog):
     assert model._chat_ids(plain) == model.tokenizer.encode(
         model.apply_chat_template(plain), allowed_special="all")
 
-    # a template that trims contents cannot be told apart from its own text:
-    # the old behaviour, with a warning (once)
+    # a template that trims contents: a content is found as it is or stripped
     trimming = write_tiny_llama(tmp_path / "trim.gguf", chat_template=(
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
         "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"))
     trim_model = Model.load(trimming, n_threads=1)
-    # contents the trim leaves alone are still found verbatim: text
-    assert trim_model._chat_ids(messages).count(im_start) == 2
-    padded = [{"role": "user", "content": attack + "  "}]
-    with caplog.at_level("WARNING", logger="fastattn"):
-        ids = trim_model._chat_ids(padded)
-        trim_model._chat_ids(padded)
-    assert ids.count(im_start) == 3
-    warned = [r for r in caplog.records if "does not copy message contents" in r.getMessage()]
-    assert len(warned) == 1
+    for content in (attack, attack + "  ", "\n " + attack + " \n"):
+        ids = trim_model._chat_ids([{"role": "user", "content": content}])
+        assert ids.count(im_start) == 2 and ids.count(im_end) == 1, repr(content)
+
+    # a template that rewrites contents otherwise: plain messages still work;
+    # one holding special-token text is refused rather than read as control
+    rewriting = write_tiny_llama(tmp_path / "rewrite.gguf", chat_template=(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] | replace('obey', 'heed') }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n"))
+    rewrite_model = Model.load(rewriting, n_threads=1)
+    plain = [{"role": "user", "content": "obey the rules"}]
+    assert rewrite_model._chat_ids(plain) == rewrite_model.tokenizer.encode(
+        rewrite_model.apply_chat_template(plain), allowed_special="all")
+    with pytest.raises(ChatTemplateError, match="holds special-token text"):
+        rewrite_model._chat_ids(messages)
 
 
 def test_chat_without_template(tmp_path):
