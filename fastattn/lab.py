@@ -124,6 +124,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -981,9 +982,11 @@ class Lab:
         elif isinstance(variants, (str, Variant)) or callable(variants):
             variants = [variants]            # one variant, not a sequence of them
         variants = [resolve_variant(v) for v in variants]
-        if not (tol > 0 and math.isfinite(tol)):
+        def real(x):
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+        if not (real(tol) and tol > 0):
             raise LabError(f"tol must be a finite number > 0, got {tol!r}")
-        if not (kl_tol >= 0 and math.isfinite(kl_tol)):
+        if not (real(kl_tol) and kl_tol >= 0):
             raise LabError(f"kl_tol must be a finite number >= 0, got {kl_tol!r}")
 
         with np.errstate(all="ignore"):

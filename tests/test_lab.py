@@ -308,6 +308,10 @@ def test_bad_ids_and_tolerances_raise_clear_errors():
         L.run([1, 2], ["reference"], tol=0)
     with pytest.raises(FastAttnError, match="tol must be a finite number > 0"):
         L.run([1, 2], ["reference"], tol=float("inf"))   # would call anything exact
+    with pytest.raises(FastAttnError, match="tol must be a finite number > 0, got '1'"):
+        L.run([1, 2], ["reference"], tol="1")
+    with pytest.raises(FastAttnError, match="kl_tol must be a finite number >= 0, got None"):
+        L.run([1, 2], ["reference"], kl_tol=None)
     # ids that are not a flat sequence of integers are refused, not coerced
     for bad, match in (([1.7, 2.2], "must be integers, got float64"),
                        (["a"], "must be integers"), ([[1, 2], [3, 4]], "flat sequence"),
