@@ -567,10 +567,8 @@ def main(argv=None) -> int:
             err("")
         return 130
     except BrokenPipeError:
-        # the reader went away (`fastattn generate ... | head`): not an error;
-        # point stdout at devnull so the interpreter's final flush stays quiet
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # the reader went away (`fastattn generate ... | head`): not an error
+        _quiet_exit_flush()
         return 0
     except OSError as e:
         # writing the output failed (a full disk; /dev/full): files fastattn
