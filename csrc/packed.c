@@ -16,6 +16,9 @@
 #include <stdlib.h>
 
 #include "packed.h"
+#ifdef __SSE2__
+#include <immintrin.h>
+#endif
 
 /* ----------------------------------------------------------- layout */
 
@@ -108,6 +111,21 @@ int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes) {
 }
 
 void fa_block_sums(const float *x, int64_t nb, float *sx) {
+#ifdef __SSE2__
+    /* the same tree four lanes at a time (x86-64 always has SSE2): a prefill
+     * sums every token's blocks for each Q4_1 product on each thread, and the
+     * scalar loop took about 3 % of an exact SmolLM2 prefill */
+    for (int64_t b = 0; b < nb; b++) {
+        const float *v = x + b * FA_QK;
+        __m128 s0 = _mm_add_ps(_mm_loadu_ps(v), _mm_loadu_ps(v + 16));      /* s16[0..3] */
+        __m128 s1 = _mm_add_ps(_mm_loadu_ps(v + 4), _mm_loadu_ps(v + 20));  /* s16[4..7] */
+        __m128 s2 = _mm_add_ps(_mm_loadu_ps(v + 8), _mm_loadu_ps(v + 24));
+        __m128 s3 = _mm_add_ps(_mm_loadu_ps(v + 12), _mm_loadu_ps(v + 28));
+        __m128 s4 = _mm_add_ps(_mm_add_ps(s0, s2), _mm_add_ps(s1, s3));  /* s8, then s4 */
+        __m128 t = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                /* s2 in lanes 0, 1 */
+        sx[b] = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+    }
+#else
     for (int64_t b = 0; b < nb; b++) {
         const float *v = x + b * FA_QK;
         float s[16];
@@ -117,6 +135,7 @@ void fa_block_sums(const float *x, int64_t nb, float *sx) {
         for (int i = 0; i < 2; i++) s[i] = s[i] + s[i + 2];
         sx[b] = s[0] + s[1];
     }
+#endif
 }
 
 /* ---------------------------------------------------- generic kernel */

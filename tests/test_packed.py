@@ -114,6 +114,40 @@ def test_packed_special_values(level):
         assert np.all(np.isposinf(K.matmul(f32, xi, packed=True)))
 
 
+def _tree_sums(x):
+    """Block sums of x [n, 32 b] in the order packed.h fixes, in float32."""
+    s = x.reshape(len(x), -1, 32)
+    s = s[..., :16] + s[..., 16:]
+    s = s[..., :8] + s[..., 8:]
+    s = s[..., :4] + s[..., 4:]
+    s = s[..., :2] + s[..., 2:]
+    return s[..., 0] + s[..., 1]
+
+
+def test_packed_q4_1_block_sums_in_the_documented_order(level):
+    """A Q4_1 row with d = 0 and m = 1 turns each output into x's block sum
+    (y = fma(1, sx, 0 * a)): it must be the documented tree's, to the bit, at
+    every level and for decode (one token) and prefill calls alike."""
+    n_out, n_in = 16, 32
+    block = np.zeros(20, np.uint8)
+    block[:4] = np.array([0.0, 1.0], np.float16).view(np.uint8)  # d, m
+    data = np.tile(block, n_out)
+    rng = np.random.default_rng(7)
+    # magnitudes spread over 16 decades, so the order of the adds shows
+    x = (rng.standard_normal((40, n_in)) * 10.0 ** rng.uniform(-8, 8, (40, n_in)))
+    x = x.astype(np.float32)
+    want = _tree_sums(x)[:, 0]
+    # the test can fail: a plain left-to-right sum differs for some tokens
+    assert np.any(np.cumsum(x, axis=1, dtype=np.float32)[:, -1] != want)
+    for lv in LEVELS:
+        K.set_simd_level(lv)
+        for got in (K.matmul((data, W.Q4_1, (n_out, n_in)), x, packed=True),
+                    np.stack([K.matmul((data, W.Q4_1, (n_out, n_in)), t, packed=True)
+                              for t in x])):
+            np.testing.assert_array_equal(got, np.repeat(want[:, None], n_out, axis=1),
+                                          err_msg=f"level {lv}")
+
+
 # ------------------------------------------------------------- in a model
 
 def _tiny_model(family):
