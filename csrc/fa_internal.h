@@ -158,6 +158,10 @@ static inline uint16_t fa_read_u16(const uint8_t *p) {
     return v;
 }
 
+/* fa_matmul_region for the float path (fa_matmul): the thread's panels of a
+ * packed copy, else its rows. */
+size_t fa_matmul_region_f32(const fa_weight *w, int ith, int nth, const void **start);
+
 /* The half-open share [*lo, *hi) of n items that thread ith of nth owns. */
 static inline void fa_share(int64_t n, int ith, int nth, int64_t *lo, int64_t *hi) {
     if (nth < 1) nth = 1;

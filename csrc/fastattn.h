@@ -94,6 +94,12 @@ int fa_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes);
 void fa_matmul_share(int act, const fa_weight *w, int ith, int nth, int64_t *r0,
                      int64_t *r1);
 
+/* The weight bytes fa_matmul_act(act, w, ...) reads on thread ith of nth, as
+ * one region: returns its length and sets *start, or returns 0.  The forward
+ * asks for the start of the next product's region into cache while a thread
+ * waits at a barrier. */
+size_t fa_matmul_region(int act, const fa_weight *w, int ith, int nth, const void **start);
+
 /* Ask the system to back the 2 MiB-aligned part of [p, p + n) with huge pages
  * (Linux transparent huge pages; elsewhere nothing).  For memory a decode
  * streams through whole at every step (packed weights, the KV cache): fewer

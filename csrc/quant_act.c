@@ -780,6 +780,26 @@ void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, i
     if (buf != stack_buf) free(buf);
 }
 
+size_t fa_matmul_region(int act, const fa_weight *w, int ith, int nth, const void **start) {
+    *start = NULL;
+    if (!w || !w->data || w->n_out <= 0 || w->n_in <= 0) return 0;
+    if (act != FA_ACT_Q8 || !fa_act_q8_supports(w->type))
+        return fa_matmul_region_f32(w, ith, nth, start);
+    size_t rb = fa_row_bytes(w->type, w->n_in);
+    if (rb == 0 || rb != w->row_bytes) return 0;
+    int64_t r0, r1;
+    fa_share(w->n_out, ith, nth, &r0, &r1);  /* as fa_matmul_q8 splits */
+    if (r0 >= r1) return 0;
+    if (!w->packed_q8) {
+        *start = (const uint8_t *)w->data + (size_t)r0 * rb;
+        return (size_t)(r1 - r0) * rb;
+    }
+    const size_t gb = qp_group_bytes(w->type, w->n_in / FA_QK);
+    const int64_t g0 = r0 / QP_ROWS, g1 = (r1 + QP_ROWS - 1) / QP_ROWS;
+    *start = (const uint8_t *)w->packed_q8 + (size_t)g0 * gb;
+    return (size_t)(g1 - g0) * gb;
+}
+
 void fa_matmul_act(int act, const fa_weight *w, const float *x, float *y, int64_t n_seq,
                    int ith, int nth) {
     if (act == FA_ACT_Q8)
