@@ -166,6 +166,19 @@ void fa_matmul_act(int act, const fa_weight *w, const float *x, float *y,
                    int64_t n_seq, int ith, int nth);
 void fa_parallel_matmul_act(int act, const fa_weight *w, const float *x, float *y,
                             int64_t n_seq, int n_threads);
+/* The same products from rows quantized once: fa_q8_quantize_rows writes
+ * rows [t0, t1) of x [n_seq, n_in] into a buffer of fa_q8_rows_bytes(n_seq,
+ * n_in) bytes (0: n_in not a multiple of 32), and fa_matmul_q8_rows(w, rows,
+ * x, ...) gives fa_matmul_q8(w, x, ...)'s bits once every row is there.  A
+ * prefill quantizes a normed input once, each thread its rows, for the 2 or
+ * 3 products that read it, instead of every thread quantizing all of it for
+ * each.  x must be the rows' float values: a weight the q8 kernels do not
+ * take uses it. */
+size_t fa_q8_rows_bytes(int64_t n_seq, int64_t n_in);
+void fa_q8_quantize_rows(const float *x, int64_t n_in, int64_t n_seq, int64_t t0, int64_t t1,
+                         void *rows);
+void fa_matmul_q8_rows(const fa_weight *w, const void *rows, const float *x, float *y,
+                       int64_t n_seq, int ith, int nth);
 /* x [n] -> q [n] int8, d [n / 32] scales, s [n / 32] = d * sum of the block's q;
  * n a positive multiple of 32. */
 void fa_quantize_act_q8(const float *x, int64_t n, int8_t *q, float *d, float *s);

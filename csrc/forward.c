@@ -272,7 +272,9 @@ int fa_state_init_kv(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_
     if (m->family == FA_LLAMA) {
         s->rope_cs = alloc_floats(chunk, m->head_dim, 1, 1);
     }
-    if (!s->k_cache || !s->v_cache || !s->x || !s->xn || !s->q || !s->qkv || !s->att
+    const size_t xq_bytes = fa_q8_rows_bytes(chunk, E);  /* 0 if E is not whole blocks */
+    if (xq_bytes) s->xq = malloc(xq_bytes);
+    if ((xq_bytes && !s->xq) || !s->k_cache || !s->v_cache || !s->x || !s->xn || !s->q || !s->qkv || !s->att
         || !s->ffn_a || !s->ffn_b || !s->att_part || (m->family == FA_LLAMA && !s->rope_cs)) {
         fa_state_free(s);
         return FA_ERR_NOMEM;
@@ -295,6 +297,7 @@ void fa_state_free(fa_state *s) {
     free(s->xn_own);
     free(s->att_part);
     free(s->rope_cs);
+    free(s->xq);
     memset(s, 0, sizeof(*s));
 }
 
@@ -335,6 +338,16 @@ static void norm_rows(const fa_model *m, const float *x, const float *g, const f
         else
             fa_rms_norm(x + t * E, g, y + t * E, 1, E, m->norm_eps, 0, 1);
     }
+}
+
+/* fa_matmul_act(m->act, w, xn, ...) on normed rows, from their quantized
+ * copy xq when the caller made one (a q8 prefill): the same bits. */
+static void product_xn(const fa_model *m, const fa_weight *w, const float *xn, const void *xq,
+                       float *y, int64_t n, int ith, int nth) {
+    if (xq)
+        fa_matmul_q8_rows(w, xq, xn, y, n, ith, nth);
+    else
+        fa_matmul_act(m->act, w, xn, y, n, ith, nth);
 }
 
 /* Cos and sin of every rotation angle of positions pos0 + t0 .. pos0 + t1 - 1:
@@ -625,12 +638,20 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
     float *att = own ? mine + s->own_rows * E : s->att;  /* attention rows, all n */
     const int64_t nr0 = own ? 0 : t0, nr1 = own ? n : t1;
     float *y = s->xn;  /* the out and down products, before their residual adds */
+    /* a longer chunk in q8 mode quantizes each shared normed input once, each
+     * thread its own rows, for the products that read it (q, k, v; up, gate)
+     * instead of every thread quantizing all rows for each of them; a decode
+     * (own rows) lets each product quantize its one row */
+    void *xq = !own && m->act == FA_ACT_Q8 ? s->xq : NULL;
+#define QUANTIZE_XN                                        \
+    if (xq) fa_q8_quantize_rows(xn, E, n, nr0, nr1, xq);
 
     /* embeddings and rope angles, then the first block's attention norm */
     embed_rows(m, ids, pos0, s->x, s->att, t0, t1);
     if (!gpt2) rope_table_rows(m, s->rope_cs, pos0, t0, t1);
     BARRIER
     norm_rows(m, s->x, m->layers[0].attn_norm_w, m->layers[0].attn_norm_b, xn, nr0, nr1);
+    QUANTIZE_XN
     if (!own) BARRIER
 
     for (int64_t l = 0; l < m->n_layer; l++) {
@@ -642,7 +663,7 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
 
         /* attention: q, k, v; biases, positions, cache; softmax(q k^T / sqrt(hd)) v */
         if (gpt2) {
-            fa_matmul_act(m->act, &L->attn_qkv, xn, s->qkv, n, ith, nth);      /* -> [n, 3E] */
+            product_xn(m, &L->attn_qkv, xn, xq, s->qkv, n, ith, nth);          /* -> [n, 3E] */
             io.q = s->qkv, io.k = s->qkv + E, io.v = s->qkv + 2 * E;
             io.ldq = io.ldk = io.ldv = 3 * E;
             io.bq = L->attn_qkv_b;
@@ -652,9 +673,9 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
             io.q = s->q, io.k = s->qkv, io.v = s->qkv + s->max_chunk * Ekv;
             io.ldq = E, io.ldk = io.ldv = Ekv;
             io.bq = L->attn_q_b, io.bk = L->attn_k_b, io.bv = L->attn_v_b;
-            fa_matmul_act(m->act, &L->attn_q, xn, io.q, n, ith, nth);          /* -> [n, E] */
-            fa_matmul_act(m->act, &L->attn_k, xn, io.k, n, ith, nth);          /* -> [n, Ekv] */
-            fa_matmul_act(m->act, &L->attn_v, xn, io.v, n, ith, nth);          /* -> [n, Ekv] */
+            product_xn(m, &L->attn_q, xn, xq, io.q, n, ith, nth);              /* -> [n, E] */
+            product_xn(m, &L->attn_k, xn, xq, io.k, n, ith, nth);              /* -> [n, Ekv] */
+            product_xn(m, &L->attn_v, xn, xq, io.v, n, ith, nth);              /* -> [n, Ekv] */
         }
         if (heads_fusable(m, L, nth)) {
             heads_own(m, L, s, &io, n, ith, nth);
@@ -684,9 +705,10 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
 
         /* the MLP's norm; gpt2 down(gelu(up h)), llama down(silu(gate h) * up h) */
         norm_rows(m, s->x, L->ffn_norm_w, L->ffn_norm_b, xn, nr0, nr1);
+        QUANTIZE_XN
         if (!own) BARRIER
-        fa_matmul_act(m->act, &L->ffn_up, xn, s->ffn_a, n, ith, nth);           /* -> [n, F] */
-        if (!gpt2) fa_matmul_act(m->act, &L->ffn_gate, xn, s->ffn_b, n, ith, nth);
+        product_xn(m, &L->ffn_up, xn, xq, s->ffn_a, n, ith, nth);               /* -> [n, F] */
+        if (!gpt2) product_xn(m, &L->ffn_gate, xn, xq, s->ffn_b, n, ith, nth);
         if (mlp_fusable(m, L, nth)) {
             int64_t r0, r1;
             fa_matmul_share(m->act, &L->ffn_up, ith, nth, &r0, &r1);
@@ -710,6 +732,7 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
         if (l + 1 < m->n_layer) {
             const fa_layer *N = &m->layers[l + 1];
             norm_rows(m, s->x, N->attn_norm_w, N->attn_norm_b, xn, nr0, nr1);
+            QUANTIZE_XN
             if (!own) BARRIER
         } else if (want_logits) {
             norm_rows(m, s->x, m->output_norm_w, m->output_norm_b, xn, nr0, nr1);
@@ -727,6 +750,7 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
     /* a next chunk would write x, xn and the scratch others may still read;
      * after the last one, the end of the parallel region waits */
     if (more) BARRIER
+#undef QUANTIZE_XN
 }
 
 int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq,

@@ -94,6 +94,8 @@ typedef struct {
     int64_t own_rows;          /* rows each copy holds: min(max_chunk, FA_OWN_ROWS) */
     float *rope_cs;            /* llama: [max_chunk, head_dim / 2, 2] cos and sin of
                                   each position in the chunk */
+    void *xq;                  /* the normed rows quantized for the q8 products
+                                  (fa_q8_rows_bytes(max_chunk, n_embd)), or NULL */
 } fa_state;
 
 /* Chunks of at most this many tokens (decode) have every thread norm every
