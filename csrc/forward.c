@@ -92,7 +92,7 @@ static void team_wait_for(team *t, const void *next, size_t bytes) {
         return;
     }
     const char *p = (const char *)next;
-    size_t left = next && bytes < WAIT_PREFETCH_MAX ? bytes : next ? WAIT_PREFETCH_MAX : 0;
+    size_t left = !next ? 0 : bytes < WAIT_PREFETCH_MAX ? bytes : WAIT_PREFETCH_MAX;
     for (int spins = 0; atomic_load(&b->sense) != t->sense;) {
         if (left) {
             size_t step = left < 1024 ? left : 1024;
@@ -274,8 +274,9 @@ int fa_state_init_kv(fa_state *s, const fa_model *m, int64_t n_ctx, int64_t max_
     }
     const size_t xq_bytes = fa_q8_rows_bytes(chunk, E);  /* 0 if E is not whole blocks */
     if (xq_bytes) s->xq = malloc(xq_bytes);
-    if ((xq_bytes && !s->xq) || !s->k_cache || !s->v_cache || !s->x || !s->xn || !s->q || !s->qkv || !s->att
-        || !s->ffn_a || !s->ffn_b || !s->att_part || (m->family == FA_LLAMA && !s->rope_cs)) {
+    if (!s->k_cache || !s->v_cache || !s->x || !s->xn || !s->q || !s->qkv || !s->att
+        || !s->ffn_a || !s->ffn_b || !s->att_part || (m->family == FA_LLAMA && !s->rope_cs)
+        || (xq_bytes && !s->xq)) {
         fa_state_free(s);
         return FA_ERR_NOMEM;
     }
