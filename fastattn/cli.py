@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Continue a prompt and stream the text to stdout.")
     model_flags(p)
     p.add_argument("-p", "--prompt", help="the prompt text")
-    p.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE")
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help='read the prompt from FILE ("-": standard input)')
     p.add_argument("--chat", action="store_true",
                    help="treat the prompt as a user message in the model's chat template")
     p.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("score", help="log-probabilities and perplexity of a text",
                             description="Score FILE: perplexity (and per-token "
                                         "log-probabilities with -v).")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help='the text; "-" reads standard input')
     model_flags(p, sampling=False)
     p.set_defaults(run=cmd_score, command_parser=p)
 
@@ -454,8 +455,14 @@ TEXT_FILE_LIMIT = 64 << 20
 
 def _read_text(path):
     """A -f prompt or a text to score: a regular file, or a pipe (as in
-    `-f <(command)`), read up to TEXT_FILE_LIMIT bytes."""
+    `-f <(command)`), read up to TEXT_FILE_LIMIT bytes; "-" is standard input
+    (a pipe or a redirected file, not a terminal)."""
     from .files import read_text
+    if path == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("-: standard input is a terminal (or closed); pipe or "
+                             "redirect the text into it")
+        path = "/dev/stdin"
     return read_text(path, TEXT_FILE_LIMIT, error=FastAttnError, pipes=True)
 
 

@@ -466,6 +466,33 @@ def test_score(tiny, model, tmp_path):
         assert float(lp) == pytest.approx(want, abs=1e-4)
 
 
+def test_score_and_prompt_from_standard_input(tiny, model, tmp_path):
+    """"-" reads the text from standard input, a pipe or a redirected file."""
+    text = "the quick brown fox jumps over the lazy dog"
+    r = run(["score", "-", "-m", tiny, "-t", "1"], stdin=text)
+    assert r.returncode == 0, r.stderr
+    assert float(pairs(r.stdout)["perplexity"]) == pytest.approx(
+        model.score(text).perplexity, rel=1e-5)
+    path = tmp_path / "prompt.txt"
+    path.write_text("hello", encoding="utf-8")
+    r = run_shell('FA generate -q -t 1 -n 2 --temp 0 -m "$TINY" -f - < ' + str(path), tiny)
+    assert r.returncode == 0 and r.stdout.startswith("hello"), r.stderr
+
+
+def test_score_from_a_terminal_is_a_usage_error(tiny):
+    """With no text piped in, "-" would wait on the terminal: refused at once."""
+    import pty
+    main, follower = pty.openpty()
+    try:
+        env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
+        r = subprocess.run([sys.executable, "-m", "fastattn", "score", "-", "-m", tiny],
+                           stdin=follower, capture_output=True, env=env, timeout=60)
+    finally:
+        os.close(main)
+        os.close(follower)
+    assert r.returncode == 2 and b"standard input is a terminal" in r.stderr, r.stderr
+
+
 # ---------------------------------------------------------------------- info
 
 def test_info(tiny):
