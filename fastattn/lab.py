@@ -1051,7 +1051,8 @@ class Report:
         for r in self.results:
             if r.name == name:
                 return r
-        raise KeyError(name)
+        names = ", ".join(r.name for r in self.results)
+        raise KeyError(f"no variant {name!r} in this report (it has: {names})")
 
     @property
     def ok(self) -> bool:

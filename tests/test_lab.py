@@ -117,6 +117,8 @@ def test_every_builtin_exact_variant_is_judged_exact(name):
         assert report["scale_in_query"].max_rel > 0
     else:                                  # 1/4: a power of two, exact to the bit
         assert report["scale_in_query"].max_rel == 0
+    with pytest.raises(KeyError, match="no variant 'nosuch'.*it has: .*engine"):
+        report["nosuch"]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
