@@ -532,7 +532,12 @@ def main(argv=None) -> int:
     if stdout_closed:
         sys.stdout = open(os.devnull, "w")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # named by the subcommand's parser, whose usage lists what it takes
+        # (argparse's own parse_args reports them with the top-level usage)
+        (getattr(args, "command_parser", None) or parser).error(
+            "unrecognized arguments: " + " ".join(unknown))
 
     # library messages (fastattn.*) on stderr; -v shows the INFO ones too
     handler = logging.StreamHandler(sys.stderr)

@@ -185,6 +185,10 @@ def test_bad_flag():
     assert r.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in r.stderr
     assert "Traceback" not in r.stderr
+    # a flag the subcommand does not take is named with that subcommand's usage
+    r = run(["score", "text.txt", "--temp", "0"])
+    assert r.returncode == 2 and r.stderr.startswith("usage: fastattn score "), r.stderr
+    assert "fastattn score: error: unrecognized arguments: --temp 0" in r.stderr
 
 
 def test_bad_values(tiny, tmp_path):
