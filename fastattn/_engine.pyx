@@ -435,6 +435,8 @@ cdef class State:
         if kv_type not in KV_BYTES:
             raise ValueError(f"kv_type must be one of {sorted(KV_BYTES)} (0 float32, "
                              f"1 float16), got {kv_type}")
+        if max_chunk <= 0:
+            raise ValueError(f"max_chunk must be at least 1, got {max_chunk}")
         cdef int rc = fa_state_init_kv(&self.s, &model.m, n_ctx, max_chunk, kv_type)
         if rc == FA_ERR_NOMEM:
             kv, scratch = state_bytes(model.config, n_ctx, max_chunk, kv_type)

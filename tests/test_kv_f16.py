@@ -224,6 +224,9 @@ def test_bad_values(tmp_path):
         reference.forward(config, weights, [1, 2], kv_cache="f8")
     with pytest.raises(ValueError, match=r"kv_type must be one of \[0, 1\]"):
         _engine.State(model._engine, 16, 8, 2)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_chunk must be at least 1, got {bad}"):
+            _engine.State(model._engine, 16, bad)
     # checked before the file is read: a missing file is not the error
     with pytest.raises(ValueError, match="kv_cache must be one of"):
         Model.load(str(tmp_path / "missing.gguf"), kv_cache="half")
