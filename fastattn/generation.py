@@ -30,7 +30,8 @@ may call one Model at once and each call gives what it gives alone.
 Sessions.  `model.session()` is a KV cache that outlives one call: pass it as
 session= and a call computes only the tokens after the longest prefix it
 shares with the previous call (a chat's earlier turns).  The result is the same
-as without it.  A session serves one conversation in one thread at a time.
+as without it.  A session serves one conversation, one call at a time; a
+second call on it while the first runs raises GenerationError.
 """
 import logging
 import math
@@ -604,6 +605,20 @@ class Model:
         return self._run(ids, max_new_tokens, stop, sampler, out_ids, session)
 
     def _run(self, ids, max_new_tokens, stop, sampler, out_ids, session):
+        """_loop, holding the session (if any) for as long as the stream runs:
+        a second call on it meanwhile, from this thread (a stream not yet
+        finished) or another, would rewind the cache under the first."""
+        if session is not None and not session._in_use.acquire(blocking=False):
+            raise GenerationError("the session is in use by another call (a stream not "
+                                  "finished or closed yet, or another thread); a session "
+                                  "serves one call at a time")
+        try:
+            yield from self._loop(ids, max_new_tokens, stop, sampler, out_ids, session)
+        finally:
+            if session is not None:
+                session._in_use.release()
+
+    def _loop(self, ids, max_new_tokens, stop, sampler, out_ids, session):
         """The generation loop: prefill the prompt, then sample / decode."""
         tok = self.tokenizer
         eos_ids = tok.eos_ids
@@ -767,7 +782,9 @@ class Session:
     """A KV cache kept between calls: a chat that renders its whole history
     each turn computes only what is new since the last call (the longest
     common prefix of the token ids is reused; generation is otherwise the
-    same, token for token).  One conversation, one thread at a time.
+    same, token for token).  One conversation, one call at a time: a call
+    while another (or a stream not yet finished) runs on it raises
+    GenerationError.
 
         >>> session = model.session()
         >>> model.chat(messages, session=session)          # computes it all
@@ -779,10 +796,17 @@ class Session:
         self.model = model
         self.state = model.transformer.new_state(n_ctx=model.n_ctx)
         self.ids = []                      # the ids whose keys and values are cached
+        self._in_use = threading.Lock()    # held by the call running on it
 
     def reset(self):
-        self.state.reset()
-        self.ids = []
+        if not self._in_use.acquire(blocking=False):
+            raise GenerationError("the session is in use by a call; reset it after "
+                                  "that call ends")
+        try:
+            self.state.reset()
+            self.ids = []
+        finally:
+            self._in_use.release()
 
 
 def _log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:

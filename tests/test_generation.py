@@ -530,6 +530,26 @@ def test_session_after_an_interrupted_stream(model):
     assert model.last_stats["cached_tokens"] == len(model.encode(other)) - 1
 
 
+def test_session_serves_one_call_at_a_time(model):
+    """A second call on a session while a stream on it is still open would
+    rewind the cache under that stream: it is refused, and so is a reset."""
+    session = model.session()
+    stream = model.stream("the quick brown fox", max_new_tokens=20, temperature=0,
+                          session=session)
+    next(stream)
+    with pytest.raises(GenerationError, match="session is in use"):
+        model.generate("the quick brown dog", max_new_tokens=3, session=session)
+    with pytest.raises(GenerationError, match="in use"):
+        session.reset()
+    "".join(stream)                    # the first stream is unharmed and ends
+    assert session.state.n_past == len(session.ids)
+    other = "the quick brown dog"      # then the session is free again
+    assert model.generate(other, max_new_tokens=12, temperature=0, session=session) == \
+        model.generate(other, max_new_tokens=12, temperature=0)
+    session.reset()
+    assert session.state.n_past == 0 and session.ids == []
+
+
 def test_session_of_another_model(model, tiny_path):
     other = Model.load(tiny_path, n_threads=1)
     with pytest.raises(GenerationError, match="another Model"):
