@@ -92,12 +92,12 @@ typedef struct {
     const int8_t *q;      /* [n_seq][n_in] */
     const float *d;       /* [n_seq][nb] */
     const float *s;       /* [n_seq][nb] */
-    const int32_t *bias;  /* [n_seq][nb]: -off * sum of the block's q */
+    const int32_t *neg;   /* [n_seq][nb]: minus the sum of the block's q */
 } q8_act;
 
-/* Rounds one row of nb blocks; bias (may be NULL) gets -off * each block's sum. */
+/* Rounds one row of nb blocks; neg (may be NULL) gets minus each block's sum. */
 typedef void (*q8_quant_fn)(const float *x, int64_t nb, int8_t *q, float *d, float *s,
-                            int32_t *bias, int off);
+                            int32_t *neg);
 /* y[t * ldy + r] for rows r0 <= r < r1 of w and all n_seq rows of x.  pk is w's
  * packed copy (fa_q8_pack_weight) or NULL; kernels that cannot use it read w. */
 typedef void (*q8_run_fn)(int type, const uint8_t *w, size_t rb, const uint8_t *pk,
@@ -193,7 +193,7 @@ int fa_q8_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes) {
 /* ------------------------------------------------------------- generic */
 
 static void generic_quantize(const float *x, int64_t nb, int8_t *q, float *d, float *s,
-                             int32_t *bias, int off) {
+                             int32_t *neg) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * FA_QK;
         float amax = 0.0f;
@@ -211,7 +211,7 @@ static void generic_quantize(const float *x, int64_t nb, int8_t *q, float *d, fl
         }
         d[b] = db;
         s[b] = db * (float)sum;
-        if (bias) bias[b] = -off * sum;
+        if (neg) neg[b] = -sum;
     }
 }
 
@@ -476,7 +476,8 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
         __m512i p[QV_T], p2[QV_T];
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
-            p[t] = off ? _mm512_set1_epi32(x->bias[(t0 + t) * nb + b]) : _mm512_setzero_si512();
+            p[t] = off ? _mm512_set1_epi32(off * x->neg[(t0 + t) * nb + b])
+                       : _mm512_setzero_si512();
             p2[t] = _mm512_setzero_si512();
         }
         const int8_t *xq = x->q + t0 * n_in + b * FA_QK;
@@ -668,7 +669,7 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, const uint8_t 
  * any order, d and 1/d are the same scalar divisions, and cvtps rounds to
  * nearest even as nearbyintf does. */
 TVNNI static void avx512_quantize(const float *x, int64_t nb, int8_t *q, float *d, float *s,
-                                  int32_t *bias, int off) {
+                                  int32_t *neg) {
     for (int64_t b = 0; b < nb; b++) {
         __m512 x0 = _mm512_loadu_ps(x + b * FA_QK);
         __m512 x1 = _mm512_loadu_ps(x + b * FA_QK + 16);
@@ -683,7 +684,7 @@ TVNNI static void avx512_quantize(const float *x, int64_t nb, int8_t *q, float *
         int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         d[b] = db;
         s[b] = db * (float)sum;
-        if (bias) bias[b] = -off * sum;
+        if (neg) neg[b] = -sum;
     }
 }
 #define HAVE_X86_Q8 1
@@ -733,7 +734,7 @@ int fa_q8_pack_wanted(int type) {
 
 void fa_quantize_act_q8(const float *x, int64_t n, int8_t *q, float *d, float *s) {
     if (!x || !q || !d || !s || n <= 0 || n % FA_QK) return;
-    q8_current()->quantize(x, n / FA_QK, q, d, s, NULL, 0);
+    q8_current()->quantize(x, n / FA_QK, q, d, s, NULL);
 }
 
 /* Bytes one quantized row of n_in values takes in the scratch buffer. */
@@ -741,49 +742,16 @@ static size_t q8_row_bytes(int64_t n_in) {
     return (size_t)n_in + 3 * sizeof(float) * (size_t)(n_in / FA_QK);
 }
 
-void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, int ith,
-                  int nth) {
-    if (!w || !w->data || !x || !y || n_seq <= 0 || w->n_out <= 0 || w->n_in <= 0) return;
-    size_t rb = fa_row_bytes(w->type, w->n_in);
-    if (!fa_act_q8_supports(w->type) || rb == 0 || rb != w->row_bytes) {
-        fa_matmul(w, x, y, n_seq, ith, nth);  /* float types stay exact */
-        return;
-    }
-    const q8_kernels *k = q8_current();
-    const int64_t n_in = w->n_in, n_out = w->n_out, nb = n_in / FA_QK;
-    int64_t r0, r1;
-    fa_share(n_out, ith, nth, &r0, &r1);
-    if (r0 >= r1) return;
-
-    /* this thread's copy of x, quantized; a decode row fits on the stack */
-    const size_t qrb = q8_row_bytes(n_in);
-    float stack_buf[2048];
-    void *buf = stack_buf;
-    if ((size_t)n_seq > SIZE_MAX / qrb) buf = NULL;
-    else if ((size_t)n_seq * qrb > sizeof stack_buf) buf = malloc((size_t)n_seq * qrb);
-    if (!buf) {
-        /* Known shortcoming: with no memory for the scratch copy this call
-         * falls back to the exact float path rather than failing. */
-        fa_matmul(w, x, y, n_seq, ith, nth);
-        return;
-    }
-    /* layout: all d, all s, all bias (4-byte aligned), then all q */
-    float *dall = (float *)buf, *sall = dall + n_seq * nb;
-    int32_t *ball = (int32_t *)(sall + n_seq * nb);
-    int8_t *qall = (int8_t *)(ball + n_seq * nb);
-    const int off = q8_offset(w->type);
-    for (int64_t s = 0; s < n_seq; s++)
-        k->quantize(x + s * n_in, nb, qall + s * n_in, dall + s * nb, sall + s * nb,
-                    ball + s * nb, off);
-    const q8_act xa = {n_in, nb, qall, dall, sall, ball};
-    k->run(w->type, (const uint8_t *)w->data, rb, (const uint8_t *)w->packed_q8, r0, r1, &xa,
-           n_seq, y, n_out);
-    if (buf != stack_buf) free(buf);
+/* Quantized rows (fa_q8_quantize_rows): d, s and neg [n_seq][nb] each, then
+ * q [n_seq][n_in]; the layout of the product's scratch copy too. */
+static q8_act q8_rows_view(const void *rows, int64_t n_in, int64_t n_seq) {
+    const int64_t nb = n_in / FA_QK;
+    const float *d = (const float *)rows, *s = d + n_seq * nb;
+    const int32_t *neg = (const int32_t *)(s + n_seq * nb);
+    const q8_act xa = {n_in, nb, (const int8_t *)(neg + n_seq * nb), d, s, neg};
+    return xa;
 }
 
-/* Rows quantized once for several products (fa_q8_quantize_rows), in the
- * layout of fa_matmul_q8's own scratch: d, s and the negated block sums
- * [n_seq][nb] each, then q [n_seq][n_in]. */
 size_t fa_q8_rows_bytes(int64_t n_seq, int64_t n_in) {
     if (n_seq <= 0 || n_in <= 0 || n_in % FA_QK) return 0;
     const size_t rb = q8_row_bytes(n_in);
@@ -794,54 +762,68 @@ void fa_q8_quantize_rows(const float *x, int64_t n_in, int64_t n_seq, int64_t t0
                          void *rows) {
     if (!x || !rows || fa_q8_rows_bytes(n_seq, n_in) == 0 || t0 < 0 || t1 > n_seq) return;
     const q8_kernels *k = q8_current();
-    const int64_t nb = n_in / FA_QK;
-    float *d = (float *)rows, *s = d + n_seq * nb;
-    int32_t *neg = (int32_t *)(s + n_seq * nb);
-    int8_t *q = (int8_t *)(neg + n_seq * nb);
-    for (int64_t t = t0; t < t1; t++)  /* off 1: neg = -sum */
-        k->quantize(x + t * n_in, nb, q + t * n_in, d + t * nb, s + t * nb, neg + t * nb, 1);
+    const q8_act xa = q8_rows_view(rows, n_in, n_seq);
+    const int64_t nb = xa.nb;
+    for (int64_t t = t0; t < t1; t++)
+        k->quantize(x + t * n_in, nb, (int8_t *)xa.q + t * n_in, (float *)xa.d + t * nb,
+                    (float *)xa.s + t * nb, (int32_t *)xa.neg + t * nb);
+}
+
+/* 1 if the q8 kernels take w (else its products take the float path). */
+static int q8_takes(const fa_weight *w) {
+    size_t rb = fa_row_bytes(w->type, w->n_in);
+    return fa_act_q8_supports(w->type) && rb != 0 && rb == w->row_bytes;
 }
 
 void fa_matmul_q8_rows(const fa_weight *w, const void *rows, const float *x, float *y,
                        int64_t n_seq, int ith, int nth) {
     if (!w || !w->data || !rows || !x || !y || n_seq <= 0 || w->n_out <= 0 || w->n_in <= 0)
         return;
-    size_t rb = fa_row_bytes(w->type, w->n_in);
-    if (!fa_act_q8_supports(w->type) || rb == 0 || rb != w->row_bytes) {
-        fa_matmul_q8(w, x, y, n_seq, ith, nth);  /* which takes the float path */
+    if (!q8_takes(w)) {
+        fa_matmul(w, x, y, n_seq, ith, nth);  /* float types stay exact */
         return;
     }
-    const int64_t n_in = w->n_in, nb = n_in / FA_QK;
     int64_t r0, r1;
     fa_share(w->n_out, ith, nth, &r0, &r1);
     if (r0 >= r1) return;
-    const float *d = (const float *)rows, *s = d + n_seq * nb;
-    const int32_t *neg = (const int32_t *)(s + n_seq * nb);
-    const int8_t *q = (const int8_t *)(neg + n_seq * nb);
-    /* the kernels start a signed weight's sums from -off * (sum of q) */
-    const int off = q8_offset(w->type);
-    int32_t *bias = NULL;
-    if (off) {
-        bias = malloc(sizeof(int32_t) * (size_t)(n_seq * nb));
-        if (!bias) {
-            fa_matmul_q8(w, x, y, n_seq, ith, nth);
-            return;
-        }
-        for (int64_t i = 0; i < n_seq * nb; i++) bias[i] = off * neg[i];
+    const q8_act xa = q8_rows_view(rows, w->n_in, n_seq);
+    q8_current()->run(w->type, (const uint8_t *)w->data, w->row_bytes,
+                      (const uint8_t *)w->packed_q8, r0, r1, &xa, n_seq, y, w->n_out);
+}
+
+void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, int ith,
+                  int nth) {
+    if (!w || !w->data || !x || !y || n_seq <= 0 || w->n_out <= 0 || w->n_in <= 0) return;
+    if (!q8_takes(w)) {
+        fa_matmul(w, x, y, n_seq, ith, nth);  /* float types stay exact */
+        return;
     }
-    const q8_act xa = {n_in, nb, q, d, s, bias ? bias : neg};
-    q8_current()->run(w->type, (const uint8_t *)w->data, rb, (const uint8_t *)w->packed_q8,
-                      r0, r1, &xa, n_seq, y, w->n_out);
-    free(bias);
+    int64_t r0, r1;
+    fa_share(w->n_out, ith, nth, &r0, &r1);
+    if (r0 >= r1) return;
+
+    /* this thread's copy of x, quantized; a decode row fits on the stack */
+    float stack_buf[2048];
+    void *buf = stack_buf;
+    const size_t bytes = fa_q8_rows_bytes(n_seq, w->n_in);
+    if (bytes == 0) buf = NULL;
+    else if (bytes > sizeof stack_buf) buf = malloc(bytes);
+    if (!buf) {
+        /* Known shortcoming: with no memory for the scratch copy this call
+         * falls back to the exact float path rather than failing. */
+        fa_matmul(w, x, y, n_seq, ith, nth);
+        return;
+    }
+    fa_q8_quantize_rows(x, w->n_in, n_seq, 0, n_seq, buf);
+    fa_matmul_q8_rows(w, buf, x, y, n_seq, ith, nth);
+    if (buf != stack_buf) free(buf);
 }
 
 size_t fa_matmul_region(int act, const fa_weight *w, int ith, int nth, const void **start) {
     *start = NULL;
     if (!w || !w->data || w->n_out <= 0 || w->n_in <= 0) return 0;
-    if (act != FA_ACT_Q8 || !fa_act_q8_supports(w->type))
-        return fa_matmul_region_f32(w, ith, nth, start);
-    size_t rb = fa_row_bytes(w->type, w->n_in);
-    if (rb == 0 || rb != w->row_bytes) return 0;
+    if (act != FA_ACT_Q8 || !q8_takes(w)) return fa_matmul_region_f32(w, ith, nth, start);
+    const size_t rb = w->row_bytes;
     int64_t r0, r1;
     fa_share(w->n_out, ith, nth, &r0, &r1);  /* as fa_matmul_q8 splits */
     if (r0 >= r1) return 0;
