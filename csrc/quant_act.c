@@ -775,17 +775,24 @@ static int q8_takes(const fa_weight *w) {
     return fa_act_q8_supports(w->type) && rb != 0 && rb == w->row_bytes;
 }
 
+/* What both products check first: 1 if this thread has q8 work; 0 after
+ * bad arguments, for no rows, or once the float path has taken a weight the
+ * q8 kernels do not (float types stay exact).  [*r0, *r1): its rows. */
+static int q8_starts(const fa_weight *w, const float *x, float *y, int64_t n_seq, int ith,
+                     int nth, int64_t *r0, int64_t *r1) {
+    if (!w || !w->data || !x || !y || n_seq <= 0 || w->n_out <= 0 || w->n_in <= 0) return 0;
+    if (!q8_takes(w)) {
+        fa_matmul(w, x, y, n_seq, ith, nth);
+        return 0;
+    }
+    fa_share(w->n_out, ith, nth, r0, r1);
+    return *r0 < *r1;
+}
+
 void fa_matmul_q8_rows(const fa_weight *w, const void *rows, const float *x, float *y,
                        int64_t n_seq, int ith, int nth) {
-    if (!w || !w->data || !rows || !x || !y || n_seq <= 0 || w->n_out <= 0 || w->n_in <= 0)
-        return;
-    if (!q8_takes(w)) {
-        fa_matmul(w, x, y, n_seq, ith, nth);  /* float types stay exact */
-        return;
-    }
     int64_t r0, r1;
-    fa_share(w->n_out, ith, nth, &r0, &r1);
-    if (r0 >= r1) return;
+    if (!rows || !q8_starts(w, x, y, n_seq, ith, nth, &r0, &r1)) return;
     const q8_act xa = q8_rows_view(rows, w->n_in, n_seq);
     q8_current()->run(w->type, (const uint8_t *)w->data, w->row_bytes,
                       (const uint8_t *)w->packed_q8, r0, r1, &xa, n_seq, y, w->n_out);
@@ -793,14 +800,8 @@ void fa_matmul_q8_rows(const fa_weight *w, const void *rows, const float *x, flo
 
 void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, int ith,
                   int nth) {
-    if (!w || !w->data || !x || !y || n_seq <= 0 || w->n_out <= 0 || w->n_in <= 0) return;
-    if (!q8_takes(w)) {
-        fa_matmul(w, x, y, n_seq, ith, nth);  /* float types stay exact */
-        return;
-    }
     int64_t r0, r1;
-    fa_share(w->n_out, ith, nth, &r0, &r1);
-    if (r0 >= r1) return;
+    if (!q8_starts(w, x, y, n_seq, ith, nth, &r0, &r1)) return;
 
     /* this thread's copy of x, quantized; a decode row fits on the stack */
     float stack_buf[2048];
