@@ -6,7 +6,8 @@
  *
  * Quantized activation row of n values, nb = n / 32 blocks:
  *   d[b]   = max_j |x[32 b + j]| / 127            float32
- *   q[i]   = rint(x[i] * (1 / d[b]))              int8 in [-127, 127]; 0 if d = 0
+ *   q[i]   = rint(x[i] * (1 / d[b]))              int8 in [-127, 127]; 0 if d = 0,
+ *            and 0 when max |x| or 1 / d is inf or NaN (q8_block_zero)
  *   s[b]   = d[b] * sum_j q[32 b + j]             float32 (Q4_1's min term)
  *
  * Dot of a weight row (integer values wq, scale dw, for Q4_1 a min mw) with
@@ -192,20 +193,37 @@ int fa_q8_pack_weight(const fa_weight *w, void *dst, size_t dst_bytes) {
 
 /* ------------------------------------------------------------- generic */
 
+/* Is the block with max |x| amax and reciprocal scale id rounded to all
+ * zeros?  Yes when either is inf or NaN: an inf or NaN value (then d is inf or
+ * NaN and the products turn NaN, as the float path's would), or a scale so
+ * small that 1 / d overflows (max |x| below about 3.7e-37, a block of nearly
+ * zeros: it then adds exactly 0, s being d * 0).  x * id would otherwise be
+ * inf or NaN, whose conversion to an integer C leaves undefined. */
+static inline int q8_block_zero(float amax, float id) {
+    return !isfinite(amax) || !isfinite(id);
+}
+
 static void generic_quantize(const float *x, int64_t nb, int8_t *q, float *d, float *s,
                              int32_t *neg) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * FA_QK;
-        float amax = 0.0f;
+        /* max |x| on the bit patterns (avx512_quantize says why): the float
+         * max, and a NaN, the one with the largest payload, sticks */
+        uint32_t amax_bits = 0;
         for (int j = 0; j < FA_QK; j++) {
-            float a = fabsf(xb[j]);
-            if (a > amax) amax = a;
+            uint32_t u;
+            memcpy(&u, xb + j, sizeof u);
+            u &= 0x7fffffffu;
+            if (u > amax_bits) amax_bits = u;
         }
+        float amax;
+        memcpy(&amax, &amax_bits, sizeof amax);
         float db = amax / 127.0f;
         float id = db != 0.0f ? 1.0f / db : 0.0f;
+        const int zero = q8_block_zero(amax, id);
         int sum = 0;
         for (int j = 0; j < FA_QK; j++) {
-            int v = (int)nearbyintf(xb[j] * id);
+            int v = zero ? 0 : (int)nearbyintf(xb[j] * id);
             q[b * FA_QK + j] = (int8_t)v;
             sum += v;
         }
@@ -665,23 +683,36 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, const uint8_t 
     free(buf);
 }
 
-/* The generic quantizer's numbers, 16 values at a time: the max is exact in
- * any order, d and 1/d are the same scalar divisions, and cvtps rounds to
- * nearest even as nearbyintf does. */
+/* The generic quantizer's numbers, 16 values at a time.  The max of |x| is
+ * taken on the bit patterns: without the sign bit, integer order is float
+ * order, with NaN above inf above every finite value, so it is the float max
+ * and a NaN sticks as in generic_quantize.  d and 1 / d are the same scalar
+ * divisions, cvtps rounds to nearest even as nearbyintf does, and the integer
+ * sum is exact in any order. */
 TVNNI static void avx512_quantize(const float *x, int64_t nb, int8_t *q, float *d, float *s,
                                   int32_t *neg) {
+    const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff);
     for (int64_t b = 0; b < nb; b++) {
         __m512 x0 = _mm512_loadu_ps(x + b * FA_QK);
         __m512 x1 = _mm512_loadu_ps(x + b * FA_QK + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        __m512i a = _mm512_max_epi32(_mm512_and_si512(_mm512_castps_si512(x0), abs_bits),
+                                     _mm512_and_si512(_mm512_castps_si512(x1), abs_bits));
+        int32_t amax_bits = _mm512_reduce_max_epi32(a);
+        float amax;
+        memcpy(&amax, &amax_bits, sizeof amax);
         float db = amax / 127.0f;
         float id = db != 0.0f ? 1.0f / db : 0.0f;
-        __m512 vid = _mm512_set1_ps(id);
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid));
-        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
-        _mm_storeu_si128((__m128i *)(q + b * FA_QK), _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(q + b * FA_QK + 16), _mm512_cvtepi32_epi8(q1));
-        int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        int sum = 0;
+        if (q8_block_zero(amax, id)) {
+            memset(q + b * FA_QK, 0, FA_QK);
+        } else {
+            __m512 vid = _mm512_set1_ps(id);
+            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid));
+            __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
+            _mm_storeu_si128((__m128i *)(q + b * FA_QK), _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(q + b * FA_QK + 16), _mm512_cvtepi32_epi8(q1));
+            sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        }
         d[b] = db;
         s[b] = db * (float)sum;
         if (neg) neg[b] = -sum;

@@ -25,14 +25,17 @@ f32 = np.float32
 
 
 def np_quantize(x):
-    """x [n] float32 -> (q int8 [n], d [nb], s [nb]) as the C code rounds."""
+    """x [n] float32 -> (q int8 [n], d [nb], s [nb]) as the C code rounds.
+    A block whose max |x| or 1 / d is inf or NaN rounds to zeros."""
     xb = x.astype(f32).reshape(-1, 32)
-    amax = np.abs(xb).max(axis=1)
-    d = (amax / f32(127)).astype(f32)
-    with np.errstate(divide="ignore"):
+    # max |x| on the bit patterns: the float max, and NaN above everything
+    amax = (xb.view(np.uint32) & np.uint32(0x7FFFFFFF)).max(axis=1).view(f32)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        d = (amax / f32(127)).astype(f32)
         idv = np.where(d != 0, f32(1) / d, f32(0)).astype(f32)
-    q = np.rint(xb * idv[:, None]).astype(np.int32)
-    s = (d * q.sum(axis=1).astype(f32)).astype(f32)
+        zero = ~np.isfinite(amax) | ~np.isfinite(idv)
+        q = np.where(zero[:, None], f32(0), np.rint(xb * idv[:, None])).astype(np.int32)
+        s = (d * q.sum(axis=1).astype(f32)).astype(f32)
     return q.astype(np.int8).reshape(-1), d, s
 
 
@@ -94,6 +97,39 @@ def test_quantize_matches_numpy(level):
     # the rounding error is at most half a step per value
     err = np.abs(q.reshape(-1, 32) * d[:, None] - x.reshape(-1, 32))
     assert np.all(err <= 0.5 * d[:, None] * (1 + 1e-6))
+
+
+def test_quantize_blocks_it_cannot_scale(level):
+    """A block holding NaN or inf, or so near zero that 1 / d overflows,
+    rounds to zeros with the same d at every level; a NaN or inf then
+    turns the products NaN, a near-zero block adds exactly nothing."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(7 * 32).astype(f32)
+    x[5] = np.nan                     # block 0
+    x[32 + 9] = np.inf                # block 1
+    x[64 + 31] = -np.inf              # block 2
+    x[96:128] *= f32(1e-38)           # block 3: d subnormal, 1 / d overflows
+    x[128:160] = f32(3e-45)           # block 4: d rounds to 0
+    x[160 + 3] = -np.nan              # block 5, with the sign bit
+    q, d, s = K.quantize_act_q8(x)
+    q2, d2, s2 = np_quantize(x)
+    np.testing.assert_array_equal(q, q2)
+    np.testing.assert_array_equal(d, d2)
+    np.testing.assert_array_equal(s, s2)
+    qb = q.reshape(-1, 32)
+    assert not qb[:6].any() and np.abs(qb[6]).max() == 127
+    assert np.isnan(d[[0, 5]]).all() and np.isinf(d[[1, 2]]).all()
+    assert 0 < d[3] < np.finfo(f32).tiny and d[4] == 0
+    assert np.isnan(s[[0, 1, 2, 5]]).all() and s[3] == 0 and s[4] == 0
+
+    for qtype in Q_TYPES:
+        w = make(rng, qtype, 19, 7 * 32)
+        rows = np.stack([x, np.where(np.isfinite(x), x, f32(0))])
+        rows[1, 96:160] = 0               # the near-zero blocks as zeros
+        y = K.matmul_q8(w, rows, n_threads=1)
+        assert np.isnan(y[0]).all()
+        y_tiny = K.matmul_q8(w, np.where(np.isfinite(x), x, f32(0))[None], n_threads=1)
+        np.testing.assert_array_equal(y_tiny[0], y[1])
 
 
 @pytest.mark.parametrize("qtype", Q_TYPES)
