@@ -158,6 +158,41 @@ static inline uint16_t fa_read_u16(const uint8_t *p) {
     return v;
 }
 
+/* ------------------------------------------ products by ranges of rows
+ *
+ * A thread's input to a product, prepared once (fa_matmul_prepare) for any
+ * number of row ranges of products that read it (fa_matmul_range): in q8
+ * mode x quantized, on the float path the Q4_1 block sums of x.  A range
+ * [r0, r1) starts at a multiple of 16 rows and ends at one or at n_out (the
+ * packed copies hold groups of 16 rows); weights past row r_pf are not
+ * prefetched.  Every y element is the one fa_matmul_act(act, w, x, ...)
+ * writes, whichever ranges and threads compute it. */
+typedef struct {
+    int act;
+    const float *x;      /* [n_seq, n_in] */
+    int64_t n_seq, n_in;
+    const void *xq;      /* q8 mode: x quantized (fa_q8_quantize_rows), or NULL */
+    const float *sx;     /* float path: block sums of x [n_seq][n_in / 32], or NULL */
+} fa_prepared;
+
+/* Bytes of scratch fa_matmul_prepare needs (0: n_in is not whole blocks,
+ * and the products work from x alone). */
+size_t fa_prepare_bytes(int64_t n_seq, int64_t n_in);
+void fa_matmul_prepare(fa_prepared *p, int act, const float *x, int64_t n_seq, int64_t n_in,
+                       void *scratch);
+void fa_matmul_range(const fa_prepared *p, const fa_weight *w, float *y, int64_t r0,
+                     int64_t r1, int64_t r_pf);
+/* Rows of w a range should hold to keep the kernels at full speed (a
+ * multiple of 16): the float path's decode runs several panels side by side. */
+int64_t fa_matmul_unit_rows(int act, const fa_weight *w);
+/* The weight bytes fa_matmul_range reads for rows [r0, r1) (at *start). */
+size_t fa_matmul_region_rows(int act, const fa_weight *w, int64_t r0, int64_t r1,
+                             const void **start);
+/* fa_matmul's rows [r0, r1) (the float path), with the block sums sx of x
+ * when the caller has them (else NULL). */
+void fa_matmul_f32_range(const fa_weight *w, const float *x, const float *sx, float *y,
+                         int64_t n_seq, int64_t r0, int64_t r1);
+
 /* fa_matmul_region for the float path (fa_matmul): the thread's panels of a
  * packed copy, else its rows. */
 size_t fa_matmul_region_f32(const fa_weight *w, int ith, int nth, const void **start);

@@ -49,7 +49,11 @@
 typedef struct {
     atomic_int count;
     atomic_int sense;
+    atomic_long *taken;  /* claim counters (claim_next), zeroed at every barrier */
 } team_barrier;
+
+/* longs between two claim counters: one per 64-byte line */
+#define CLAIM_STRIDE 8
 
 typedef struct {
     team_barrier *barrier;
@@ -87,6 +91,11 @@ static void team_wait_for(team *t, const void *next, size_t bytes) {
     team_barrier *b = t->barrier;
     t->sense = !t->sense;
     if (atomic_fetch_add(&b->count, 1) == t->nth - 1) {
+        /* every thread is here, done with the step before: the next step's
+         * claims start from nothing taken */
+        if (b->taken)
+            for (int i = 0; i < t->nth; i++)
+                atomic_store_explicit(&b->taken[i * CLAIM_STRIDE], 0, memory_order_relaxed);
         atomic_store(&b->count, 0);
         atomic_store(&b->sense, t->sense);  /* releases every write made before */
         return;
@@ -114,6 +123,14 @@ static void team_wait(team *t) { team_wait_for(t, NULL, 0); }
         const void *next_;                                                    \
         size_t next_bytes_ = fa_matmul_region(m->act, (w), ith, nth, &next_); \
         team_wait_for(tm, next_, next_bytes_);                                \
+    }
+
+/* A barrier whose waiting thread fetches the weights of rows [r0, r1) of w. */
+#define BARRIER_BEFORE_ROWS(w, r0, r1)                                               \
+    {                                                                             \
+        const void *next_;                                                        \
+        size_t next_bytes_ = fa_matmul_region_rows(m->act, (w), (r0), (r1), &next_); \
+        team_wait_for(tm, next_, next_bytes_);                                    \
     }
 
 /* ------------------------------------------------------------ helpers */
@@ -299,6 +316,8 @@ void fa_state_free(fa_state *s) {
     free(s->att_part);
     free(s->rope_cs);
     free(s->xq);
+    free(s->claims);
+    free(s->prep_own);
     memset(s, 0, sizeof(*s));
 }
 
@@ -529,12 +548,9 @@ static void heads_own(const fa_model *m, const fa_layer *L, fa_state *s, const h
 /* x[t, r] += y[t, r] (+ b[r]) for the rows [r0, r1) thread ith wrote of the
  * product y [n, E] by w, every token t: the residual add, done by the thread
  * that produced the values, needs no barrier of its own. */
-static void residual_own(const fa_model *m, const fa_weight *w, float *x, const float *y,
-                         const float *b, int64_t n, int ith, int nth) {
+static void residual_rows(const fa_model *m, float *x, const float *y, const float *b,
+                          int64_t n, int64_t r0, int64_t r1) {
     const int64_t E = m->n_embd;
-    int64_t r0, r1;
-    fa_matmul_share(m->act, w, ith, nth, &r0, &r1);
-    if (r0 < 0 || r1 > E || r1 <= r0) return;  /* n_out == E was checked with the model */
     for (int64_t t = 0; t < n; t++) {
         float *xt = x + t * E;
         const float *yt = y + t * E;
@@ -544,6 +560,14 @@ static void residual_own(const fa_model *m, const fa_weight *w, float *x, const 
             for (int64_t i = r0; i < r1; i++) xt[i] += yt[i];
         }
     }
+}
+
+static void residual_own(const fa_model *m, const fa_weight *w, float *x, const float *y,
+                         const float *b, int64_t n, int ith, int nth) {
+    int64_t r0, r1;
+    fa_matmul_share(m->act, w, ith, nth, &r0, &r1);
+    if (r0 < 0 || r1 > m->n_embd || r1 <= r0) return;  /* n_out == E: checked with the model */
+    residual_rows(m, x, y, b, n, r0, r1);
 }
 
 /* Do up and gate give every thread the same rows?  (Same n_out, but their
@@ -591,6 +615,173 @@ static void mlp_act_flat(const fa_model *m, const fa_layer *L, fa_state *s, int6
     }
 }
 
+/* ------------------------------------------------ a decode's claimed steps
+ *
+ * A decode's products are short, and with fixed shares the two threads of a
+ * SmolLM2 decode reached the barrier after each 1.2-2.2 us apart on average
+ * (a build that timed its waits): about 6% of the threads' time went to
+ * waiting, and on a shared machine a thread that loses its core for a
+ * moment holds up the other for as long.  So a decode
+ * (a chunk of at most FA_OWN_ROWS tokens, more than one thread) hands out
+ * its products' rows while they run: the rows are cut into units (16 rows,
+ * or a head for q, k and v), each thread has its even share of the units,
+ * and it takes chunks of its own share, then of the others' shares, until
+ * none is left; the work fused into a product (residual add, activation,
+ * head steps) is done chunk by chunk by the thread that computed it.  Which
+ * thread computes a row changes no number (each y element is one fixed
+ * sequence of operations), so results stay bit-identical to the fixed
+ * shares'.  Each thread prepares the product's input once (fa_matmul_prepare)
+ * for all the chunks it takes.  A unit is as many rows as the level's decode
+ * kernel runs side by side (fa_matmul_unit_rows: 64 for the AVX-512 float
+ * path); 16-row units there ran 1.5% slower than fixed shares.  Measured on
+ * SmolLM2, 2 threads, median of 12 interleaved pairs against fixed shares:
+ * exact +1.4% and +2.9%, q8 +2.2%, q8 with the f16 cache +5.4%. */
+
+/* Where a thread is in taking chunks: the k-th share it drains (its own,
+ * then the next thread's, ...). */
+typedef struct {
+    int k;
+} claim_iter;
+
+/* A third of what is left of a share per chunk: big chunks while much is
+ * left, single units at the end, where the threads even out. */
+#define CLAIM_PART 3
+
+/* The next chunk [*a, *b) of the n units for thread tm->ith, and in *end the
+ * end of the share it comes from; 0 once every share is used up.  The
+ * counters are zeroed at the barrier before the step (team_wait_for). */
+static int claim_next(const team *tm, int64_t n, claim_iter *it, int64_t *a, int64_t *b,
+                      int64_t *end) {
+    for (; it->k < tm->nth; it->k++) {
+        const int v = (tm->ith + it->k) % tm->nth;
+        int64_t u0, u1;
+        share(n, v, tm->nth, &u0, &u1);
+        atomic_long *taken = &tm->barrier->taken[v * CLAIM_STRIDE];
+        long cur = atomic_load_explicit(taken, memory_order_relaxed);
+        while (u0 + cur < u1) {
+            int64_t size = (u1 - u0 - cur + CLAIM_PART - 1) / CLAIM_PART;
+            if (atomic_compare_exchange_weak_explicit(taken, &cur, cur + (long)size,
+                                                      memory_order_relaxed,
+                                                      memory_order_relaxed)) {
+                *a = u0 + cur;
+                *b = *a + size;
+                *end = u1;
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* A product's rows in units of `unit` rows (fa_matmul_unit_rows): how many
+ * units n_out rows make, and the first row of unit u. */
+static int64_t row_units(int64_t n_out, int64_t unit) { return (n_out + unit - 1) / unit; }
+static int64_t unit_row(int64_t u, int64_t unit, int64_t n_out) {
+    return unit * u < n_out ? unit * u : n_out;
+}
+
+/* y = p's x times w, by claimed chunks of rows; then the residual add
+ * x += y (+ b) of those rows when x is given (the out and down products). */
+static void product_claimed(const fa_model *m, const fa_prepared *p, const fa_weight *w,
+                            float *y, float *x, const float *b, const team *tm) {
+    const int64_t n_out = w->n_out, unit = fa_matmul_unit_rows(m->act, w);
+    claim_iter it = {0};
+    int64_t a, e, end;
+    while (claim_next(tm, row_units(n_out, unit), &it, &a, &e, &end)) {
+        const int64_t r0 = unit_row(a, unit, n_out), r1 = unit_row(e, unit, n_out);
+        fa_matmul_range(p, w, y, r0, r1, unit_row(end, unit, n_out));
+        if (x) residual_rows(m, x, y, b, p->n_seq, r0, r1);
+    }
+}
+
+/* The MLP's up (and gate) products and activation, by claimed chunks of
+ * the n_ff rows (columns of the activation). */
+static void mlp_claimed(const fa_model *m, const fa_layer *L, fa_state *s,
+                        const fa_prepared *p, const team *tm) {
+    const int64_t F = m->n_ff, unit = fa_matmul_unit_rows(m->act, &L->ffn_up);
+    claim_iter it = {0};
+    int64_t a, e, end;
+    while (claim_next(tm, row_units(F, unit), &it, &a, &e, &end)) {
+        const int64_t r0 = unit_row(a, unit, F), r1 = unit_row(e, unit, F);
+        const int64_t pf = unit_row(end, unit, F);
+        fa_matmul_range(p, &L->ffn_up, s->ffn_a, r0, r1, pf);
+        if (m->family == FA_LLAMA) fa_matmul_range(p, &L->ffn_gate, s->ffn_b, r0, r1, pf);
+        mlp_act_cols(m, L, s, p->n_seq, r0, r1);
+    }
+}
+
+/* The q/k/v heads as units: llama n_head q heads, then n_kv_head k heads,
+ * then as many v heads; gpt2 the 3 n_head heads of the fused product. */
+static int64_t qkv_units(const fa_model *m) {
+    return m->family == FA_GPT2 ? 3 * m->n_head : m->n_head + 2 * m->n_kv_head;
+}
+
+/* The product unit u belongs to, its output, and its first and end units. */
+static const fa_weight *qkv_unit(const fa_model *m, const fa_layer *L, const head_io *io,
+                                 int64_t u, float **y, int64_t *first, int64_t *last) {
+    const int64_t nh = m->n_head, nkv = m->n_kv_head;
+    if (m->family == FA_GPT2) {
+        *y = io->q, *first = 0, *last = 3 * nh;  /* io->q is the fused qkv row */
+        return &L->attn_qkv;
+    }
+    if (u < nh) {
+        *y = io->q, *first = 0, *last = nh;
+        return &L->attn_q;
+    }
+    if (u < nh + nkv) {
+        *y = io->k, *first = nh, *last = nh + nkv;
+        return &L->attn_k;
+    }
+    *y = io->v, *first = nh + nkv, *last = nh + 2 * nkv;
+    return &L->attn_v;
+}
+
+/* The head step of unit u (bias, rope, cache) for every token. */
+static void qkv_unit_heads(const fa_model *m, fa_state *s, const head_io *io, int64_t u,
+                           int64_t n) {
+    const int64_t nh = m->n_head, nkv = m->n_kv_head;
+    const int64_t nq = nh, nk = m->family == FA_GPT2 ? nh : nkv;
+    for (int64_t t = 0; t < n; t++) {
+        if (u < nq) q_head(m, s, io, t, u);
+        else if (u < nq + nk) k_head(m, s, io, t, u - nq);
+        else v_head(m, s, io, t, u - nq - nk);
+    }
+}
+
+/* q, k and v and their head steps, by claimed chunks of whole heads
+ * (head_dim a multiple of 16, so heads are whole units of the products). */
+static void qkv_claimed(const fa_model *m, const fa_layer *L, fa_state *s, const head_io *io,
+                        const fa_prepared *p, const team *tm) {
+    const int64_t hd = m->head_dim;
+    claim_iter it = {0};
+    int64_t a, e, end;
+    while (claim_next(tm, qkv_units(m), &it, &a, &e, &end)) {
+        for (int64_t u = a; u < e;) {
+            float *y;
+            int64_t first, last;
+            const fa_weight *w = qkv_unit(m, L, io, u, &y, &first, &last);
+            const int64_t v = e < last ? e : last, pf = end < last ? end : last;
+            fa_matmul_range(p, w, y, (u - first) * hd, (v - first) * hd, (pf - first) * hd);
+            for (; u < v; u++) qkv_unit_heads(m, s, io, u, p->n_seq);
+        }
+    }
+}
+
+/* The weight bytes of thread ith's first q/k/v heads (for BARRIER_BEFORE). */
+static size_t qkv_region(const fa_model *m, const fa_layer *L, int ith, int nth,
+                         const void **start) {
+    int64_t u0, u1, first, last;
+    float *y;
+    head_io io = {0};
+    share(qkv_units(m), ith, nth, &u0, &u1);
+    *start = NULL;
+    if (u0 >= u1) return 0;
+    const fa_weight *w = qkv_unit(m, L, &io, u0, &y, &first, &last);
+    const int64_t v = u1 < last ? u1 : last;
+    return fa_matmul_region_rows(m->act, w, (u0 - first) * m->head_dim,
+                                 (v - first) * m->head_dim, start);
+}
+
 /* --------------------------------------------------------- the forward */
 
 /* Floats of one thread's own copies: normed rows, attention rows, merge scratch. */
@@ -602,10 +793,13 @@ static int64_t own_floats(const fa_state *s) {
  * thread tm->ith of tm->nth.  Writes logits rows if want_logits: all n rows into
  * logits [n, n_vocab], or only the last into logits [n_vocab].
  *
- * Barriers per layer: 5 for a decode (at most FA_OWN_ROWS tokens) whose
- * q/k/v shares fall on head boundaries, 6 when they do not (SmolLM2 on 2
- * threads: 288 of q's 576 rows each, 4.5 heads), one more if up and gate
- * give a thread different rows; 2 more for a longer chunk (its norms).
+ * Barriers per layer: 5 for a decode (at most FA_OWN_ROWS tokens) on more
+ * than one thread, whose products hand out their rows as they run (claimed
+ * steps, above; q, k and v by whole heads when head_dim is a multiple of 16,
+ * else by fixed shares as a longer chunk does, and 1 more).  A longer chunk:
+ * 5 when its q/k/v shares fall on head boundaries, 6 when they do not
+ * (SmolLM2 on 2 threads: 288 of q's 576 rows each, 4.5 heads), one more if
+ * up and gate give a thread different rows, and 2 more for its norms.
  *   q/k/v products | (heads shared out) | attention | out product + residual |
  *   norm, up/gate products + activation | down product + residual | norm
  * A decode's norms run on every thread over every row, each into its own
@@ -646,6 +840,22 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
     void *xq = !own && m->act == FA_ACT_Q8 ? s->xq : NULL;
 #define QUANTIZE_XN                                        \
     if (xq) fa_q8_quantize_rows(xn, E, n, nr0, nr1, xq);
+    /* a decode on more than one thread hands out its products' rows as they
+     * run (claim_next); q, k and v by whole heads when heads are whole units */
+    const int claimed = own && nth > 1 && s->claims && s->prep_own;
+    const int qkv_by_heads = claimed && m->head_dim % 16 == 0;
+    void *prep_buf = claimed ? (char *)s->prep_own + (size_t)ith * s->prep_bytes : NULL;
+    fa_prepared prep;
+/* the barrier before a product, its waiting thread fetching the weights of
+ * the rows it computes first */
+#define BARRIER_BEFORE_PRODUCT(w)                                                \
+    if (claimed) {                                                               \
+        const int64_t unit_ = fa_matmul_unit_rows(m->act, (w)), n_ = (w)->n_out;  \
+        int64_t u0_, u1_;                                                        \
+        share(row_units(n_, unit_), ith, nth, &u0_, &u1_);                       \
+        BARRIER_BEFORE_ROWS((w), unit_row(u0_, unit_, n_), unit_row(u1_, unit_, n_)) \
+    } else                                                                       \
+        BARRIER_BEFORE(w)
 
     /* embeddings and rope angles, then the first block's attention norm */
     embed_rows(m, ids, pos0, s->x, s->att, t0, t1);
@@ -664,7 +874,6 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
 
         /* attention: q, k, v; biases, positions, cache; softmax(q k^T / sqrt(hd)) v */
         if (gpt2) {
-            product_xn(m, &L->attn_qkv, xn, xq, s->qkv, n, ith, nth);          /* -> [n, 3E] */
             io.q = s->qkv, io.k = s->qkv + E, io.v = s->qkv + 2 * E;
             io.ldq = io.ldk = io.ldv = 3 * E;
             io.bq = L->attn_qkv_b;
@@ -674,15 +883,24 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
             io.q = s->q, io.k = s->qkv, io.v = s->qkv + s->max_chunk * Ekv;
             io.ldq = E, io.ldk = io.ldv = Ekv;
             io.bq = L->attn_q_b, io.bk = L->attn_k_b, io.bv = L->attn_v_b;
-            product_xn(m, &L->attn_q, xn, xq, io.q, n, ith, nth);              /* -> [n, E] */
-            product_xn(m, &L->attn_k, xn, xq, io.k, n, ith, nth);              /* -> [n, Ekv] */
-            product_xn(m, &L->attn_v, xn, xq, io.v, n, ith, nth);              /* -> [n, Ekv] */
         }
-        if (heads_fusable(m, L, nth)) {
-            heads_own(m, L, s, &io, n, ith, nth);
+        if (qkv_by_heads) {
+            fa_matmul_prepare(&prep, m->act, xn, n, E, prep_buf);
+            qkv_claimed(m, L, s, &io, &prep, tm);
         } else {
-            BARRIER
-            heads_shared(m, s, &io, n, ith, nth);
+            if (gpt2) {
+                product_xn(m, &L->attn_qkv, xn, xq, s->qkv, n, ith, nth);      /* -> [n, 3E] */
+            } else {
+                product_xn(m, &L->attn_q, xn, xq, io.q, n, ith, nth);          /* -> [n, E] */
+                product_xn(m, &L->attn_k, xn, xq, io.k, n, ith, nth);          /* -> [n, Ekv] */
+                product_xn(m, &L->attn_v, xn, xq, io.v, n, ith, nth);          /* -> [n, Ekv] */
+            }
+            if (heads_fusable(m, L, nth)) {
+                heads_own(m, L, s, &io, n, ith, nth);
+            } else {
+                BARRIER
+                heads_shared(m, s, &io, n, ith, nth);
+            }
         }
         BARRIER
         if (own) {
@@ -691,7 +909,7 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
             fa_attention_chunks_kv(s->q, io.k_cache, io.v_cache, s->kv_type, s->att_part, n,
                                    pos0, (int)m->n_head, (int)m->n_kv_head,
                                    (int)m->head_dim, s->n_ctx, ith, nth);
-            BARRIER_BEFORE(&L->attn_output)
+            BARRIER_BEFORE_PRODUCT(&L->attn_output)
             fa_attention_merge(s->att_part, att, n, pos0, (int)m->n_head, (int)m->head_dim,
                                s->n_ctx, 0, (int)m->n_head, att + s->own_rows * E);
         } else {
@@ -700,34 +918,54 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
                             ith, nth);                                /* -> [n, E] */
             BARRIER_BEFORE(&L->attn_output)
         }
-        fa_matmul_act(m->act, &L->attn_output, att, y, n, ith, nth);            /* -> [n, E] */
-        residual_own(m, &L->attn_output, s->x, y, L->attn_output_b, n, ith, nth);
-        BARRIER_BEFORE(&L->ffn_up)
+        if (claimed) {
+            fa_matmul_prepare(&prep, m->act, att, n, E, prep_buf);
+            product_claimed(m, &prep, &L->attn_output, y, s->x, L->attn_output_b, tm);
+        } else {
+            fa_matmul_act(m->act, &L->attn_output, att, y, n, ith, nth);        /* -> [n, E] */
+            residual_own(m, &L->attn_output, s->x, y, L->attn_output_b, n, ith, nth);
+        }
+        BARRIER_BEFORE_PRODUCT(&L->ffn_up)
 
         /* the MLP's norm; gpt2 down(gelu(up h)), llama down(silu(gate h) * up h) */
         norm_rows(m, s->x, L->ffn_norm_w, L->ffn_norm_b, xn, nr0, nr1);
         QUANTIZE_XN
         if (!own) BARRIER
-        product_xn(m, &L->ffn_up, xn, xq, s->ffn_a, n, ith, nth);               /* -> [n, F] */
-        if (!gpt2) product_xn(m, &L->ffn_gate, xn, xq, s->ffn_b, n, ith, nth);
-        if (mlp_fusable(m, L, nth)) {
-            int64_t r0, r1;
-            fa_matmul_share(m->act, &L->ffn_up, ith, nth, &r0, &r1);
-            if (r0 >= 0 && r1 <= F && r0 < r1) mlp_act_cols(m, L, s, n, r0, r1);
+        if (claimed) {
+            fa_matmul_prepare(&prep, m->act, xn, n, E, prep_buf);
+            mlp_claimed(m, L, s, &prep, tm);                                     /* -> [n, F] */
+        } else {
+            product_xn(m, &L->ffn_up, xn, xq, s->ffn_a, n, ith, nth);           /* -> [n, F] */
+            if (!gpt2) product_xn(m, &L->ffn_gate, xn, xq, s->ffn_b, n, ith, nth);
+            if (mlp_fusable(m, L, nth)) {
+                int64_t r0, r1;
+                fa_matmul_share(m->act, &L->ffn_up, ith, nth, &r0, &r1);
+                if (r0 >= 0 && r1 <= F && r0 < r1) mlp_act_cols(m, L, s, n, r0, r1);
+            } else {
+                BARRIER
+                mlp_act_flat(m, L, s, f0, f1);
+            }
+        }
+        BARRIER_BEFORE_PRODUCT(&L->ffn_down)
+        float *h = gpt2 ? s->ffn_a : s->ffn_b;
+        if (claimed) {
+            fa_matmul_prepare(&prep, m->act, h, n, F, prep_buf);
+            product_claimed(m, &prep, &L->ffn_down, y, s->x, L->ffn_down_b, tm);
+        } else {
+            fa_matmul_act(m->act, &L->ffn_down, h, y, n, ith, nth);             /* -> [n, E] */
+            residual_own(m, &L->ffn_down, s->x, y, L->ffn_down_b, n, ith, nth);
+        }
+        if (l + 1 < m->n_layer && qkv_by_heads) {
+            const void *next;
+            size_t bytes = qkv_region(m, &m->layers[l + 1], ith, nth, &next);
+            team_wait_for(tm, next, bytes);
+        } else if (l + 1 < m->n_layer) {
+            BARRIER_BEFORE(gpt2 ? &m->layers[l + 1].attn_qkv : &m->layers[l + 1].attn_q)
+        } else if (want_logits) {
+            BARRIER_BEFORE_PRODUCT(&m->output)
         } else {
             BARRIER
-            mlp_act_flat(m, L, s, f0, f1);
         }
-        BARRIER_BEFORE(&L->ffn_down)
-        float *h = gpt2 ? s->ffn_a : s->ffn_b;
-        fa_matmul_act(m->act, &L->ffn_down, h, y, n, ith, nth);                 /* -> [n, E] */
-        residual_own(m, &L->ffn_down, s->x, y, L->ffn_down_b, n, ith, nth);
-        if (l + 1 < m->n_layer)
-            BARRIER_BEFORE(gpt2 ? &m->layers[l + 1].attn_qkv : &m->layers[l + 1].attn_q)
-        else if (want_logits)
-            BARRIER_BEFORE(&m->output)
-        else
-            BARRIER
 
         /* the next norm: the next block's, or the final one */
         if (l + 1 < m->n_layer) {
@@ -743,15 +981,20 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
 
     /* output head */
     if (want_logits) {
-        if (all_rows)
-            fa_matmul_act(m->act, &m->output, xn, logits, n, ith, nth);         /* -> [n, n_vocab] */
-        else
-            fa_matmul_act(m->act, &m->output, xn + (n - 1) * E, logits, 1, ith, nth);
+        const float *xh = all_rows ? xn : xn + (n - 1) * E;
+        const int64_t nh = all_rows ? n : 1;
+        if (claimed) {
+            fa_matmul_prepare(&prep, m->act, xh, nh, E, prep_buf);
+            product_claimed(m, &prep, &m->output, logits, NULL, NULL, tm);
+        } else {
+            fa_matmul_act(m->act, &m->output, xh, logits, nh, ith, nth);        /* -> [nh, n_vocab] */
+        }
     }
     /* a next chunk would write x, xn and the scratch others may still read;
      * after the last one, the end of the parallel region waits */
     if (more) BARRIER
 #undef QUANTIZE_XN
+#undef BARRIER_BEFORE_PRODUCT
 }
 
 int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq,
@@ -782,15 +1025,28 @@ int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq
     if (s->att_threads < n_threads) {
         float *scratch = alloc_floats(n_threads, s->n_ctx, 1, 1);
         float *own = alloc_floats(n_threads, own_floats(s), 1, 1);
-        if (!scratch || !own) {
+        /* a decode's claim counters, one line each, and each thread's
+         * prepared inputs (rounded up to whole lines) */
+        const int64_t widest = s->n_embd > m->n_ff ? s->n_embd : m->n_ff;
+        const size_t prep = (fa_prepare_bytes(s->own_rows, widest) + 63) / 64 * 64;
+        void *claims = aligned_alloc(64, (size_t)n_threads * 64);
+        void *prep_own = prep ? aligned_alloc(64, (size_t)n_threads * prep) : NULL;
+        if (!scratch || !own || !claims || (prep && !prep_own)) {
             free(scratch);
             free(own);
+            free(claims);
+            free(prep_own);
             return FA_ERR_NOMEM;
         }
         free(s->att_scratch);
         free(s->xn_own);
+        free(s->claims);
+        free(s->prep_own);
         s->att_scratch = scratch;
         s->xn_own = own;
+        s->claims = claims;
+        s->prep_own = prep_own;
+        s->prep_bytes = prep;
         s->att_threads = n_threads;
     }
 
@@ -798,6 +1054,8 @@ int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq
     team_barrier barrier;
     atomic_init(&barrier.count, 0);
     atomic_init(&barrier.sense, 0);
+    barrier.taken = (atomic_long *)s->claims;
+    for (int i = 0; i < n_threads; i++) atomic_init(&barrier.taken[i * CLAIM_STRIDE], 0);
 #pragma omp parallel num_threads(n_threads)
     {
         team tm = {&barrier, 0, 1, 0};

@@ -195,13 +195,9 @@ static int weight_ok(const fa_weight *w) {
     return rb != 0 && rb == w->row_bytes;
 }
 
-void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
-               int ith, int nth) {
-    if (!weight_ok(w) || !x || !y || n_seq <= 0) return;
-    if (w->packed) {
-        fa_matmul_packed(w, x, y, n_seq, ith, nth);
-        return;
-    }
+/* Rows [r0, r1) of y from the file form of w (no packed copy). */
+static void matmul_rows(const fa_weight *w, const float *x, float *y, int64_t n_seq,
+                        int64_t r0, int64_t r1) {
     const fa_kernels *k = fa_kernels_current();
     fa_dot_fn dot = fa_dot_for(k, w->type);
     if (!dot) return;
@@ -209,8 +205,6 @@ void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
     const uint8_t *wdata = (const uint8_t *)w->data;
     const int64_t n_in = w->n_in, n_out = w->n_out;
     const size_t rb = w->row_bytes;
-    int64_t r0, r1;
-    fa_share(n_out, ith, nth, &r0, &r1);
 
     /* tiles of weight rows; inside one, groups of up to max_rows x rows */
     int64_t tile = (int64_t)(FA_TILE_BYTES / rb);
@@ -225,6 +219,31 @@ void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                 dot(wdata + (size_t)r * rb, xs, n_in, nr, n_in, ys + r, n_out);
         }
     }
+}
+
+void fa_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
+               int ith, int nth) {
+    if (!weight_ok(w) || !x || !y || n_seq <= 0) return;
+    if (w->packed) {
+        fa_matmul_packed(w, x, y, n_seq, ith, nth);
+        return;
+    }
+    int64_t r0, r1;
+    fa_share(w->n_out, ith, nth, &r0, &r1);
+    matmul_rows(w, x, y, n_seq, r0, r1);
+}
+
+void fa_matmul_f32_range(const fa_weight *w, const float *x, const float *sx, float *y,
+                         int64_t n_seq, int64_t r0, int64_t r1) {
+    if (!weight_ok(w) || !x || !y || n_seq <= 0 || r0 < 0 || r1 > w->n_out || r0 >= r1)
+        return;
+    if (w->packed) {
+        if (r0 % FA_PANEL || (r1 % FA_PANEL && r1 != w->n_out)) return;
+        fa_matmul_packed_panels(w, x, sx, y, n_seq, r0 / FA_PANEL,
+                                (r1 + FA_PANEL - 1) / FA_PANEL);
+        return;
+    }
+    matmul_rows(w, x, y, n_seq, r0, r1);
 }
 
 void fa_matmul_share(int act, const fa_weight *w, int ith, int nth, int64_t *r0,

@@ -96,6 +96,12 @@ typedef struct {
                                   each position in the chunk */
     void *xq;                  /* the normed rows quantized for the q8 products
                                   (fa_q8_rows_bytes(max_chunk, n_embd)), or NULL */
+    void *claims;              /* [att_threads] counters, one per 64 bytes: the rows
+                                  taken so far of each thread's share of a decode
+                                  product (forward.c, claim_next) */
+    void *prep_own;            /* per thread, prep_bytes each: a decode product's
+                                  input prepared once (fa_matmul_prepare) */
+    size_t prep_bytes;
 } fa_state;
 
 /* Chunks of at most this many tokens (decode) have every thread norm every

@@ -219,20 +219,26 @@ static const fa_panel_kernels *panel_kernels(void) {
 
 void fa_matmul_packed(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                       int ith, int nth) {
+    int64_t p0, p1;
+    fa_share((w->n_out + FA_PANEL - 1) / FA_PANEL, ith, nth, &p0, &p1);
+    fa_matmul_packed_panels(w, x, NULL, y, n_seq, p0, p1);
+}
+
+void fa_matmul_packed_panels(const fa_weight *w, const float *x, const float *sx_all,
+                             float *y, int64_t n_seq, int64_t p0, int64_t p1) {
     const fa_panel_kernels *k = panel_kernels();
     const int type = w->type;
     const int64_t n_in = w->n_in, n_out = w->n_out, nb = n_in / FA_QK;
     const size_t pb = fa_panel_bytes(type, n_in);
     const uint8_t *base = (const uint8_t *)w->packed;
-    int64_t p0, p1;
-    fa_share((n_out + FA_PANEL - 1) / FA_PANEL, ith, nth, &p0, &p1);
-    if (p0 >= p1 || pb == 0) return;
+    if (p0 < 0 || p0 >= p1 || p1 > (n_out + FA_PANEL - 1) / FA_PANEL || pb == 0) return;
 
-    /* Q4_1's block sums of x, for as many tokens as fit at a time
-     * (nb <= FA_PACK_MAX_BLOCKS, so at least one does) */
-    float sx[FA_PACK_MAX_BLOCKS];
+    /* Q4_1's block sums of x, given for every token, or computed here for as
+     * many tokens as fit at a time (nb <= FA_PACK_MAX_BLOCKS, so at least one
+     * does) */
+    float sx_buf[FA_PACK_MAX_BLOCKS];
     const int q41 = type == FA_Q4_1;
-    const int64_t group = q41 ? FA_PACK_MAX_BLOCKS / nb : n_seq;
+    const int64_t group = q41 && !sx_all ? FA_PACK_MAX_BLOCKS / nb : n_seq;
 
     int64_t tile = (int64_t)(PANEL_TILE_BYTES / pb);
     tile -= tile % k->np_prefill;
@@ -242,7 +248,10 @@ void fa_matmul_packed(const fa_weight *w, const float *x, float *y, int64_t n_se
         const int64_t gn = n_seq - g0 < group ? n_seq - g0 : group;
         const float *xg = x + g0 * n_in;
         float *yg = y + g0 * n_out;
-        if (q41)
+        float *sx = sx_buf;
+        if (q41 && sx_all)
+            sx = (float *)sx_all + g0 * nb;
+        else if (q41)
             for (int64_t t = 0; t < gn; t++) fa_block_sums(xg + t * n_in, nb, sx + t * nb);
 
         if (gn == 1) {
@@ -271,6 +280,8 @@ void fa_matmul_packed(const fa_weight *w, const float *x, float *y, int64_t n_se
         }
     }
 }
+
+int fa_packed_decode_panels(void) { return panel_kernels()->np_decode; }
 
 int fa_pack_wanted(int type) {
     return type >= 0 && type < 32 && ((panel_kernels()->pack_types >> type) & 1);

@@ -78,7 +78,14 @@ typedef struct {
  * thread ith: whole panels, split as evenly as panels allow. */
 void fa_matmul_packed(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                       int ith, int nth);
+/* Its panels [p0, p1) for every token; sx_all, when not NULL, holds the
+ * block sums of every token of x ([n_seq][n_in / 32], fa_block_sums) so that
+ * a caller running several panel ranges sums x once. */
+void fa_matmul_packed_panels(const fa_weight *w, const float *x, const float *sx_all,
+                             float *y, int64_t n_seq, int64_t p0, int64_t p1);
 void fa_packed_share(const fa_weight *w, int ith, int nth, int64_t *r0, int64_t *r1);
+/* Panels one decode call of the level's kernels runs side by side. */
+int fa_packed_decode_panels(void);
 
 extern const fa_panel_kernels fa_panel_kernels_generic;
 extern const fa_panel_kernels fa_panel_kernels_avx2;

@@ -86,6 +86,7 @@
 #endif
 
 #include "fa_internal.h"
+#include "packed.h"
 
 /* n_seq quantized activation rows of n_in values, nb = n_in / 32 blocks. */
 typedef struct {
@@ -100,10 +101,11 @@ typedef struct {
 typedef void (*q8_quant_fn)(const float *x, int64_t nb, int8_t *q, float *d, float *s,
                             int32_t *neg);
 /* y[t * ldy + r] for rows r0 <= r < r1 of w and all n_seq rows of x.  pk is w's
- * packed copy (fa_q8_pack_weight) or NULL; kernels that cannot use it read w. */
+ * packed copy (fa_q8_pack_weight) or NULL; kernels that cannot use it read w.
+ * Kernels that prefetch ask for nothing past row r_pf (>= r1). */
 typedef void (*q8_run_fn)(int type, const uint8_t *w, size_t rb, const uint8_t *pk,
                           int64_t r0, int64_t r1, const q8_act *x, int64_t n_seq, float *y,
-                          int64_t ldy);
+                          int64_t ldy, int64_t r_pf);
 
 /* What vpdpbusd-style kernels add to a signed weight to make it unsigned. */
 static int q8_offset(int type) {
@@ -260,8 +262,9 @@ static inline void generic_wblock(int type, const uint8_t *w, int64_t b, int8_t 
 
 static void generic_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk,
                         int64_t r0, int64_t r1, const q8_act *x, int64_t n_seq, float *y,
-                        int64_t ldy) {
+                        int64_t ldy, int64_t r_pf) {
     (void)pk;  /* the packed copy is laid out for the VNNI kernels */
+    (void)r_pf;
     const int64_t nb = x->nb, n_in = x->n_in;
     int8_t v[FA_QK];
     for (int64_t r = r0; r < r1; r++) {
@@ -366,7 +369,8 @@ INL2 void avx2_run_type(int type, const uint8_t *w, size_t rb, int64_t r0, int64
 
 TAVX2 static void avx2_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk,
                            int64_t r0, int64_t r1, const q8_act *x, int64_t n_seq, float *y,
-                           int64_t ldy) {
+                           int64_t ldy, int64_t r_pf) {
+    (void)r_pf;
     (void)pk;  /* the packed copy is laid out for the VNNI kernels */
     if (type == FA_Q8_0) avx2_run_type(FA_Q8_0, w, rb, r0, r1, x, n_seq, y, ldy);
     else if (type == FA_Q4_0) avx2_run_type(FA_Q4_0, w, rb, r0, r1, x, n_seq, y, ldy);
@@ -593,12 +597,13 @@ TVNNI static void vnni_pack(int type, const uint8_t *const *rows, int64_t nb, ui
  * a multiple of 16 rows) is computed whole by both threads and stored in part. */
 TVNNI static void vnni_run_packed(int type, const uint8_t *pk, int64_t row0, int64_t r0,
                                   int64_t r1, const q8_act *x, int64_t n_seq, float *y,
-                                  int64_t ldy) {
+                                  int64_t ldy, int64_t r_pf) {
     const vnni_tile_fn *tiles = type == FA_Q8_0   ? vnni_tiles_FA_Q8_0_0
                                 : type == FA_Q4_0 ? vnni_tiles_FA_Q4_0_0
                                                   : vnni_tiles_FA_Q4_1_0;
     const size_t gb = qp_group_bytes(type, x->nb);
     const int64_t g_first = (r0 - row0) / QV_ROWS, g_end = (r1 - row0 + QV_ROWS - 1) / QV_ROWS;
+    const int64_t g_pf = (r_pf - row0 + QV_ROWS - 1) / QV_ROWS;  /* prefetch up to here */
     int64_t tile = (int64_t)(QV_TILE_BYTES / gb);
     if (tile < 1) tile = 1;
     for (int64_t g0 = g_first; g0 < g_end; g0 += tile) {
@@ -611,8 +616,8 @@ TVNNI static void vnni_run_packed(int type, const uint8_t *pk, int64_t row0, int
                 int hi = (int)((r1 < gr + QV_ROWS ? r1 : gr + QV_ROWS) - gr);
                 __mmask16 lanes = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
                 /* the group's share of the prefetching: gb bytes, QP_PREFETCH_BYTES
-                 * ahead, not past the thread's last group */
-                const size_t here = (size_t)g * gb, end = (size_t)g_end * gb;
+                 * ahead, not past group g_pf */
+                const size_t here = (size_t)g * gb, end = (size_t)g_pf * gb;
                 const size_t ahead = here + QP_PREFETCH_BYTES;
                 size_t pf_bytes = ahead >= end ? 0 : end - ahead < gb ? end - ahead : gb;
                 tiles[nt](pk + here, NULL, gr, lanes, x, t0, y, ldy, (const char *)(pk + ahead),
@@ -635,10 +640,10 @@ static inline void vnni_prefetch_rows(const uint8_t *w, size_t rb, int64_t r, in
 
 TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk,
                            int64_t r0, int64_t r1, const q8_act *x, int64_t n_seq, float *y,
-                           int64_t ldy) {
+                           int64_t ldy, int64_t r_pf) {
     /* the model's packed copy: nothing to rearrange */
     if (pk) {
-        vnni_run_packed(type, pk, 0, r0, r1, x, n_seq, y, ldy);
+        vnni_run_packed(type, pk, 0, r0, r1, x, n_seq, y, ldy, r_pf);
         return;
     }
     const int64_t nb = x->nb;
@@ -661,7 +666,8 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, const uint8_t 
             __mmask16 lanes = vnni_group_rows(w, rb, r, r1, rows);
             const int64_t rp = r + QV_PREFETCH * QV_ROWS;
             const char *pf = (const char *)(w + (size_t)rp * rb);
-            size_t pf_bytes = rp < r1 ? (size_t)(r1 - rp < QV_ROWS ? r1 - rp : QV_ROWS) * rb : 0;
+            size_t pf_bytes =
+                rp < r_pf ? (size_t)(r_pf - rp < QV_ROWS ? r_pf - rp : QV_ROWS) * rb : 0;
             for (int64_t t0 = 0; t0 < n_seq; t0 += QV_T) {
                 int nt = n_seq - t0 < QV_T ? (int)(n_seq - t0) : QV_T;
                 direct[nt](NULL, rows, r, lanes, x, t0, y, ldy, pf, t0 ? 0 : pf_bytes);
@@ -678,7 +684,7 @@ TVNNI static void vnni_run(int type, const uint8_t *w, size_t rb, const uint8_t 
         }
         const int64_t row0 = r0 + g0 * QV_ROWS;
         const int64_t end = r0 + g1 * QV_ROWS < r1 ? r0 + g1 * QV_ROWS : r1;
-        vnni_run_packed(type, buf, row0, row0, end, x, n_seq, y, ldy);
+        vnni_run_packed(type, buf, row0, row0, end, x, n_seq, y, ldy, end);
     }
     free(buf);
 }
@@ -826,7 +832,7 @@ void fa_matmul_q8_rows(const fa_weight *w, const void *rows, const float *x, flo
     if (!rows || !q8_starts(w, x, y, n_seq, ith, nth, &r0, &r1)) return;
     const q8_act xa = q8_rows_view(rows, w->n_in, n_seq);
     q8_current()->run(w->type, (const uint8_t *)w->data, w->row_bytes,
-                      (const uint8_t *)w->packed_q8, r0, r1, &xa, n_seq, y, w->n_out);
+                      (const uint8_t *)w->packed_q8, r0, r1, &xa, n_seq, y, w->n_out, r1);
 }
 
 void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, int ith,
@@ -866,6 +872,70 @@ size_t fa_matmul_region(int act, const fa_weight *w, int ith, int nth, const voi
     const size_t gb = qp_group_bytes(w->type, w->n_in / FA_QK);
     const int64_t g0 = r0 / QP_ROWS, g1 = (r1 + QP_ROWS - 1) / QP_ROWS;
     *start = (const uint8_t *)w->packed_q8 + (size_t)g0 * gb;
+    return (size_t)(g1 - g0) * gb;
+}
+
+size_t fa_prepare_bytes(int64_t n_seq, int64_t n_in) {
+    /* the q8 rows; the block sums ([n_seq][nb] floats) take less */
+    return fa_q8_rows_bytes(n_seq, n_in);
+}
+
+void fa_matmul_prepare(fa_prepared *p, int act, const float *x, int64_t n_seq, int64_t n_in,
+                       void *scratch) {
+    const fa_prepared none = {act, x, n_seq, n_in, NULL, NULL};
+    *p = none;
+    if (!x || !scratch || fa_prepare_bytes(n_seq, n_in) == 0) return;
+    if (act == FA_ACT_Q8) {
+        fa_q8_quantize_rows(x, n_in, n_seq, 0, n_seq, scratch);
+        p->xq = scratch;
+    } else {
+        const int64_t nb = n_in / FA_QK;
+        for (int64_t t = 0; t < n_seq; t++)
+            fa_block_sums(x + t * n_in, nb, (float *)scratch + t * nb);
+        p->sx = (const float *)scratch;
+    }
+}
+
+void fa_matmul_range(const fa_prepared *p, const fa_weight *w, float *y, int64_t r0,
+                     int64_t r1, int64_t r_pf) {
+    if (!p || !p->x || !w || !w->data || !y || p->n_seq <= 0 || w->n_in != p->n_in
+        || r0 < 0 || r1 > w->n_out || r0 >= r1)
+        return;
+    if (p->act == FA_ACT_Q8 && q8_takes(w) && p->xq) {
+        const q8_act xa = q8_rows_view(p->xq, w->n_in, p->n_seq);
+        if (r_pf < r1) r_pf = r1;
+        if (r_pf > w->n_out) r_pf = w->n_out;
+        q8_current()->run(w->type, (const uint8_t *)w->data, w->row_bytes,
+                          (const uint8_t *)w->packed_q8, r0, r1, &xa, p->n_seq, y, w->n_out,
+                          r_pf);
+        return;
+    }
+    fa_matmul_f32_range(w, p->x, w->type == FA_Q4_1 ? p->sx : NULL, y, p->n_seq, r0, r1);
+}
+
+int64_t fa_matmul_unit_rows(int act, const fa_weight *w) {
+    if (act == FA_ACT_Q8 && q8_takes(w)) return QP_ROWS;
+    if (w->packed) return FA_PANEL * fa_packed_decode_panels();
+    return 16;
+}
+
+size_t fa_matmul_region_rows(int act, const fa_weight *w, int64_t r0, int64_t r1,
+                             const void **start) {
+    *start = NULL;
+    if (!w || !w->data || w->n_out <= 0 || w->n_in <= 0 || r0 < 0 || r1 > w->n_out
+        || r0 >= r1)
+        return 0;
+    const int q8 = act == FA_ACT_Q8 && q8_takes(w);
+    const uint8_t *copy = q8 ? (const uint8_t *)w->packed_q8 : (const uint8_t *)w->packed;
+    if (!copy) {
+        *start = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+        return (size_t)(r1 - r0) * w->row_bytes;
+    }
+    /* both packed copies hold groups (panels) of 16 rows */
+    const size_t gb = q8 ? qp_group_bytes(w->type, w->n_in / FA_QK)
+                         : fa_panel_bytes(w->type, w->n_in);
+    const int64_t g0 = r0 / 16, g1 = (r1 + 15) / 16;
+    *start = copy + (size_t)g0 * gb;
     return (size_t)(g1 - g0) * gb;
 }
 

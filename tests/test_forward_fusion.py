@@ -1,13 +1,15 @@
 """forward.c's shortcuts keep the results exact.
 
-A decode step runs the bias/rope/cache work of a head on the thread that
-computed the head's rows when every thread's rows fall on head boundaries,
-and shares (token, head) pairs out after a barrier when they do not; the
-activation of the MLP runs on the thread that computed its rows when up and
-gate give the same rows; chunks of at most a few tokens (FA_OWN_ROWS in
-csrc/model.h) have every thread norm every row into its own copy.  Which path
-a call takes depends on the thread count and the sizes, so these tests sweep
-both and ask for bit-identical logits against one thread and one pass.
+The bias/rope/cache work of a head runs on the thread that computed the
+head's rows when every thread's rows fall on head boundaries, and (token,
+head) pairs are shared out after a barrier when they do not; the activation
+of the MLP runs on the thread that computed its rows when up and gate give
+the same rows; chunks of at most a few tokens (FA_OWN_ROWS in csrc/model.h)
+have every thread norm every row into its own copy, and on more than one
+thread they hand their products' rows out in chunks as they run, with that
+work done chunk by chunk.  Which path a call takes depends on the thread
+count and the sizes, so these tests sweep both and ask for bit-identical
+logits against one thread and one pass.
 """
 import numpy as np
 import pytest
@@ -96,6 +98,39 @@ def test_q8_activations_decode_is_exact_at_every_thread_count(name):
         state = model.new_state()
         model.prefill(state, ids[:6])
         for t in range(6, 20):
+            np.testing.assert_array_equal(model.decode(state, int(ids[t])), one[t])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("activations,kv_cache", [("f32", "f32"), ("q8", "f32"),
+                                                  ("q8", "f16")])
+def test_decode_rows_handed_out_give_one_threads_bits(level, family, activations, kv_cache):
+    """A decode on several threads hands its products' rows out in chunks
+    while they run (forward.c, claim_next); with more threads than cores the
+    threads take chunks of each other's shares, in an order that changes
+    from step to step.  Every step must give one thread's bits, at every
+    SIMD level (the chunks follow the level's kernels), with row counts that
+    are not whole units (n_ff 160 against the float path's 64-row units,
+    n_vocab 301) and, for gpt2, heads of 8 (q, k and v then keep their fixed
+    shares).  A build that skipped the residual add of a chunk taken from
+    another thread's share failed 9 of these 18 cases."""
+    if family == "llama":
+        config = random_config("llama", n_embd=128, n_head=4, n_kv_head=2, n_layer=2,
+                               n_ff=160, n_vocab=301)
+        weights = random_weights(config, Q4_1, seed=11, biases=True)
+    else:
+        config = random_config("gpt2", n_embd=40, n_head=5, n_layer=2, n_ff=72, n_vocab=301)
+        weights = random_weights(config, F32, seed=11)
+    model = Transformer(config, weights, n_threads=1, activations=activations,
+                        kv_cache=kv_cache)
+    ids = random_ids(config, 24, seed=6)
+    state = model.new_state()
+    one = model.prefill(state, ids, all_logits=True)
+    for n_threads in (2, 3, 7):
+        model.n_threads = n_threads
+        state = model.new_state()
+        np.testing.assert_array_equal(model.prefill(state, ids[:4], all_logits=True), one[:4])
+        for t in range(4, 24):
             np.testing.assert_array_equal(model.decode(state, int(ids[t])), one[t])
 
 
