@@ -22,6 +22,7 @@ compare.py --interleave drives).
 `python benchmarks/peers.py --prepare GGUF CACHE_DIR` builds the float32 Hugging
 Face folder and the CTranslate2 folders the torch and CTranslate2 peers read.
 """
+import contextlib
 import json
 import os
 import resource
@@ -104,19 +105,54 @@ def fastattn_runner(spec, f32=False, activations=None, kv_cache=None):
 # ----------------------------------------------------------------- llama.cpp
 
 
+@contextlib.contextmanager
+def _llama_model_params(**fields):
+    """Load llama.cpp models with these llama_model_params fields set:
+    llama-cpp-python's Llama() takes no argument for some of them, and fills
+    its params from llama_model_default_params(), so that is wrapped for the
+    duration of the load."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
 def llamacpp_runner(spec, flash=False):
     """llama-cpp-python over the same GGUF file: Llama.eval on token ids and
     argmax of the last row of logits read straight from the context.  flash
     turns on llama.cpp's fused attention (off by default in llama-cpp-python;
-    llama.cpp's own tools choose it automatically on CPUs)."""
+    llama.cpp's own tools choose it automatically on CPUs).
+
+    On a CPU with AMX, llama.cpp repacks the weights into its AMX buffer
+    type, and its first product there crashed with SIGSEGV in
+    ggml_backend_amx_mul_mat (llama-cpp-python 0.3.36, an Intel Xeon with
+    AMX-INT8 under KVM; llama.cpp issue 20824 reports the same, machine
+    dependent and not fixed).  There the model loads with llama.cpp's extra
+    buffer types off (use_extra_bufts), which runs its AVX-512 kernels on the
+    file's blocks instead, and the info says so."""
     import llama_cpp
     from llama_cpp import Llama
 
     n_need = max(w["n_prompt"] + w["n_gen"] for w in spec["workloads"])
     n_batch = max(512, max(w["n_prompt"] for w in spec["workloads"]))
-    llm = Llama(model_path=spec["model"], n_ctx=n_need, n_batch=n_batch, n_ubatch=n_batch,
-                n_threads=spec["threads"], n_threads_batch=spec["threads"],
-                flash_attn=flash, logits_all=False, verbose=False)
+    system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    no_amx = "AMX_INT8 = 1" in system_info
+    with _llama_model_params(**({"use_extra_bufts": False} if no_amx else {})):
+        llm = Llama(model_path=spec["model"], n_ctx=n_need, n_batch=n_batch,
+                    n_ubatch=n_batch, n_threads=spec["threads"],
+                    n_threads_batch=spec["threads"], flash_attn=flash, logits_all=False,
+                    verbose=False)
     n_vocab = llm.n_vocab()
     ctx = llm.ctx
 
@@ -139,9 +175,10 @@ def llamacpp_runner(spec, flash=False):
         return t1 - t0, t2 - t1, out
 
     info = {"version": f"llama-cpp-python {llama_cpp.__version__}",
-            "flash_attn": bool(flash),
-            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace"),
-            "weights": "file (Q4_1 blocks)", "_keepalive": llm}
+            "flash_attn": bool(flash), "system_info": system_info,
+            "extra_buffer_types": not no_amx,
+            "weights": "file (Q4_1 blocks)" + (", AMX repacking off" if no_amx else ""),
+            "_keepalive": llm}
     return info, generate
 
 
