@@ -182,6 +182,12 @@ void fa_matmul_prepare(fa_prepared *p, int act, const float *x, int64_t n_seq, i
                        void *scratch);
 void fa_matmul_range(const fa_prepared *p, const fa_weight *w, float *y, int64_t r0,
                      int64_t r1, int64_t r_pf);
+/* The q8 kernels' AMX-INT8 path (csrc/quant_act.c): whether this CPU and
+ * kernel let it run, and a switch to turn it off (1 on, the default) so that
+ * tests can compare it with the VNNI kernels. */
+int fa_q8_amx_available(void);
+void fa_q8_set_amx(int on);
+
 /* Rows of w a range should hold to keep the kernels at full speed (a
  * multiple of 16): the float path's decode runs several panels side by side. */
 int64_t fa_matmul_unit_rows(int act, const fa_weight *w);

@@ -80,6 +80,8 @@ cdef extern from "model.h" nogil:
 
 
 cdef extern from "fa_internal.h" nogil:
+    int fa_q8_amx_available()
+    void fa_q8_set_amx(int on)
     ctypedef struct fa_kernels:
         void (*to_f16)(uint16_t *dst, const float *src, int64_t n) noexcept nogil
     const fa_kernels *fa_kernels_current()
@@ -344,6 +346,18 @@ def q8_pack_wanted(qtype):
     """fa_q8_pack_wanted: 1 if the SIMD level in use reads q8 packed copies of
     qtype (AVX-512 with VNNI and a Q4_0 / Q4_1 / Q8_0 type), else 0."""
     return fa_q8_pack_wanted(_as_int(qtype, "qtype", -(1 << 31), (1 << 31) - 1))
+
+
+def q8_amx_available():
+    """True if the q8 kernels can run a prefill's products on AMX-INT8 tiles
+    (the CPU has them, Linux lends them, FASTATTN_NO_AMX is not set)."""
+    return bool(fa_q8_amx_available())
+
+
+def set_q8_amx(on):
+    """Let the q8 kernels use AMX-INT8 where available (on, the default), or
+    keep them on the VNNI tiles; the numbers are the same either way."""
+    fa_q8_set_amx(1 if on else 0)
 
 
 def quantize_act_q8(x):

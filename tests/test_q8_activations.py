@@ -205,6 +205,35 @@ def test_odd_scales_levels_agree(qtype):
             np.testing.assert_array_equal(outs[0][r][np.isfinite(ref)], ref[np.isfinite(ref)])
 
 
+@pytest.mark.skipif(not K.q8_amx_available(), reason="no AMX-INT8 on this CPU or kernel")
+@pytest.mark.parametrize("qtype", Q_TYPES)
+def test_amx_tiles_give_the_vnni_bits(qtype):
+    """With AMX-INT8 a prefill's products run 16 x rows at a time on the tile
+    unit and the rest on the VNNI tiles; either way every output is the VNNI
+    tiles' bits: odd half scales, row counts and x rows that are not whole
+    groups, more rows than one tile of groups, 1 and 3 threads."""
+    rng = np.random.default_rng(12)
+    cases = [(301, 576, 37), (16, 32, 16), (1100, 576, 48), (40, 96, 33), (37, 1536, 20)]
+    try:
+        for n_out, n_in, n_seq in cases:
+            w = make(rng, qtype, n_out, n_in)
+            raw = w.data.reshape(n_out, n_in // 32, BLOCK_BYTES[qtype])
+            raw[3, 0, 0:2] = np.frombuffer(np.uint16(0x0001).tobytes(), np.uint8)  # subnormal d
+            raw[5, -1, 0:2] = np.frombuffer(np.uint16(0x7C00).tobytes(), np.uint8)  # inf d
+            x = (rng.standard_normal((n_seq, n_in)) * 2).astype(f32)
+            for n_threads in (1, 3):
+                K.set_q8_amx(False)
+                vnni = K.matmul_q8(w, x, n_threads=n_threads)
+                K.set_q8_amx(True)
+                amx = K.matmul_q8(w, x, n_threads=n_threads)
+                np.testing.assert_array_equal(amx, vnni)
+                assert np.isfinite(amx).mean() > 0.9
+            for r in (0, n_seq - 1):  # a row alone (the VNNI tiles) gives the batch's row
+                np.testing.assert_array_equal(K.matmul_q8(w, x[r], n_threads=1), amx[r])
+    finally:
+        K.set_q8_amx(True)
+
+
 def test_many_pack_tiles_agree():
     """More rows than one packed tile holds (the AVX-512 level packs about
     544 rows of 576 values at a time): every tile, thread share and row
