@@ -987,7 +987,7 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
             fa_matmul_prepare(&prep, m->act, xh, nh, E, prep_buf);
             product_claimed(m, &prep, &m->output, logits, NULL, NULL, tm);
         } else {
-            fa_matmul_act(m->act, &m->output, xh, logits, nh, ith, nth);        /* -> [nh, n_vocab] */
+            fa_matmul_act(m->act, &m->output, xh, logits, nh, ith, nth);  /* -> [nh, n_vocab] */
         }
     }
     /* a next chunk would write x, xn and the scratch others may still read;

@@ -617,7 +617,9 @@ TVNNI static void vnni_pack(int type, const uint8_t *const *rows, int64_t nb, ui
 #include <sys/syscall.h>
 #include <unistd.h>
 #define HAVE_AMX 1
-#define TAMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define TAMX                                                                      \
+    __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,"    \
+                          "avx512vnni,avx2,fma,f16c")))
 
 static int amx_state = -1;  /* -1 not asked yet, 0 no, 1 yes */
 static int amx_wanted = 1;  /* fa_q8_set_amx */
@@ -742,10 +744,10 @@ TAMX static void amx_groups(int type, const uint8_t *pk, size_t gb, int64_t row0
 
     /* split the tile's nibbles once, asking for the next tile's bytes meanwhile */
     if (type != FA_Q8_0) {
-        const size_t step = (g1 - g0) > 0 ? (pf_bytes / (size_t)(g1 - g0) + 63) & ~(size_t)63 : 0;
+        const size_t step = (pf_bytes / (size_t)(g1 - g0) + 63) & ~(size_t)63;
         for (int64_t g = g0; g < g1; g++) {
-            for (size_t o = (size_t)(g - g0) * step; o < (size_t)(g - g0 + 1) * step && o < pf_bytes;
-                 o += 64)
+            const size_t o0 = (size_t)(g - g0) * step, o1 = o0 + step;
+            for (size_t o = o0; o < o1 && o < pf_bytes; o += 64)
                 _mm_prefetch(pf + o, FA_PREFETCH_STREAM);
             for (int64_t b = 0; b < nb; b++)
                 amx_expand(pk + (size_t)g * gb + (size_t)b * qb,
