@@ -842,9 +842,10 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
     if (xq) fa_q8_quantize_rows(xn, E, n, nr0, nr1, xq);
     /* a decode on more than one thread hands out its products' rows as they
      * run (claim_next); q, k and v by whole heads when heads are whole units */
-    const int claimed = own && nth > 1 && s->claims && s->prep_own;
+    const int claimed = own && nth > 1 && s->claims;
     const int qkv_by_heads = claimed && m->head_dim % 16 == 0;
-    void *prep_buf = claimed ? (char *)s->prep_own + (size_t)ith * s->prep_bytes : NULL;
+    void *prep_buf = claimed && s->prep_own ? (char *)s->prep_own + (size_t)ith * s->prep_bytes
+                                            : NULL;
     fa_prepared prep;
 /* the barrier before a product, its waiting thread fetching the weights of
  * the rows it computes first */
@@ -1027,8 +1028,9 @@ int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq
         float *own = alloc_floats(n_threads, own_floats(s), 1, 1);
         /* a decode's claim counters, one line each, and each thread's
          * prepared inputs (rounded up to whole lines) */
-        const int64_t widest = s->n_embd > m->n_ff ? s->n_embd : m->n_ff;
-        const size_t prep = (fa_prepare_bytes(s->own_rows, widest) + 63) / 64 * 64;
+        const size_t prep_e = fa_prepare_bytes(s->own_rows, s->n_embd);
+        const size_t prep_f = fa_prepare_bytes(s->own_rows, m->n_ff);
+        const size_t prep = ((prep_e > prep_f ? prep_e : prep_f) + 63) / 64 * 64;
         void *claims = aligned_alloc(64, (size_t)n_threads * 64);
         void *prep_own = prep ? aligned_alloc(64, (size_t)n_threads * prep) : NULL;
         if (!scratch || !own || !claims || (prep && !prep_own)) {

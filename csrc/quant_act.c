@@ -1154,13 +1154,27 @@ void fa_matmul_range(const fa_prepared *p, const fa_weight *w, float *y, int64_t
     if (!p || !p->x || !w || !w->data || !y || p->n_seq <= 0 || w->n_in != p->n_in
         || r0 < 0 || r1 > w->n_out || r0 >= r1)
         return;
-    if (p->act == FA_ACT_Q8 && q8_takes(w) && p->xq) {
-        const q8_act xa = q8_rows_view(p->xq, w->n_in, p->n_seq);
+    if (p->act == FA_ACT_Q8 && q8_takes(w)) {
+        /* x quantized by fa_matmul_prepare, or here if it had no scratch */
+        const void *xq = p->xq;
+        void *own = NULL;
+        if (!xq) {
+            const size_t bytes = fa_q8_rows_bytes(p->n_seq, p->n_in);
+            if (!bytes || !(own = malloc(bytes))) {
+                /* as in fa_matmul_q8: without memory, the exact float path */
+                fa_matmul_f32_range(w, p->x, NULL, y, p->n_seq, r0, r1);
+                return;
+            }
+            fa_q8_quantize_rows(p->x, p->n_in, p->n_seq, 0, p->n_seq, own);
+            xq = own;
+        }
+        const q8_act xa = q8_rows_view(xq, w->n_in, p->n_seq);
         if (r_pf < r1) r_pf = r1;
         if (r_pf > w->n_out) r_pf = w->n_out;
         q8_current()->run(w->type, (const uint8_t *)w->data, w->row_bytes,
                           (const uint8_t *)w->packed_q8, r0, r1, &xa, p->n_seq, y, w->n_out,
                           r_pf);
+        free(own);
         return;
     }
     fa_matmul_f32_range(w, p->x, w->type == FA_Q4_1 ? p->sx : NULL, y, p->n_seq, r0, r1);
