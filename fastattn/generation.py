@@ -146,8 +146,8 @@ def _stop_list(stop) -> list:
 # A chat template comes from the model file: untrusted code.  jinja2's sandbox
 # keeps it from Python's internals and bounds each range(), but not the work of
 # nested loops nor the size of what it builds ('x' * 10**10).  These bound both.
-# Shortcoming: the size bounds are per operation (the operators and filters
-# below).  A template can still join many bounded pieces (a list of 10^6
+# Shortcoming: the size bounds are per operation (the operators, filters and
+# str methods below).  A template can still join many bounded pieces (a list of 10^6
 # strings of 10^6 characters, say) into one string of terabytes; Python then
 # fails the allocation with a MemoryError (reported as ChatTemplateError), or,
 # for a few gigabytes, may get it, and the output check comes after.
@@ -187,7 +187,7 @@ def render_chat_template(template: str, messages, bos_token="", eos_token="",
         raise
     except TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from None
-    except (MemoryError, OverflowError, RecursionError) as e:
+    except Exception as e:  # 1/0, 'abc'[::0], a bad format, ...: the template's bug
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 
@@ -201,6 +201,22 @@ def _template_environment():
         def call_binop(self, context, operator, left, right):
             _check_binop(operator, left, right)
             return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # every call the template makes
+            _check_call(__obj, args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value):
+            # str.format reaches the template as jinja2's own wrapper, not as
+            # the method: check its arguments before the wrapper runs
+            wrapped = super().wrap_str_format(value)
+            if wrapped is None:
+                return None
+
+            def bounded_format(*args, **kwargs):
+                _check_call(value, args, kwargs)
+                return wrapped(*args, **kwargs)
+            return bounded_format
 
     def raise_exception(message):
         raise ChatTemplateError(f"chat template refused the messages: {message}")
@@ -244,6 +260,49 @@ def _check_binop(operator, left, right):
     if too_big:
         raise ChatTemplateError(f"chat template: the result of {operator!r} would pass "
                                 f"{TEMPLATE_MAX_CHARS} characters")
+
+
+def _check_call(fn, args, kwargs):
+    """Refuse a str (or bytes) method call whose result would pass
+    TEMPLATE_MAX_CHARS: the methods whose output size an argument sets
+    ('x'.center(10**9), '{:>999999999}'.format(1), ...)."""
+    owner, name = getattr(fn, "__self__", None), getattr(fn, "__name__", "")
+    if not isinstance(owner, (str, bytes)):
+        return
+    values = list(args) + list(kwargs.values())
+    ints = [a for a in values if isinstance(a, int)]
+    size = len(owner)
+    if name in ("center", "ljust", "rjust", "zfill"):
+        size = max([size] + ints)
+    elif name == "expandtabs":
+        tab = ints[0] if ints else 8
+        size += owner.count("\t" if isinstance(owner, str) else b"\t") * max(tab, 0)
+    elif name in ("format", "format_map"):
+        # widths written in the string, or passed as arguments ('{:{}}')
+        if name == "format_map" and values and isinstance(values[0], dict):
+            ints += [v for v in values[0].values() if isinstance(v, int)]
+        size += _brace_width(owner) + max(ints, default=0)
+        size += sum(_size(a) for a in values)
+    elif name == "replace" and len(values) >= 2:
+        old, new = values[0], values[1]
+        if isinstance(old, type(owner)) and isinstance(new, type(owner)):
+            count = owner.count(old) if old else len(owner) + 1
+            size += count * max(0, len(new) - len(old))
+    elif name == "join" and values and isinstance(values[0], (list, tuple)):
+        items = values[0]
+        size = len(owner) * max(len(items) - 1, 0) + sum(_size(x) for x in items)
+    if size > TEMPLATE_MAX_CHARS:
+        raise ChatTemplateError(f"chat template: {type(owner).__name__}.{name} would make "
+                                f"more than {TEMPLATE_MAX_CHARS} characters")
+
+
+def _brace_width(fmt) -> int:
+    """The largest number written in the format specs of a str.format string."""
+    import re
+    if not isinstance(fmt, str):
+        return 0
+    specs = re.findall(r"\{[^{}]*:([^{}]*)\}", fmt)
+    return max((int(n) for spec in specs for n in re.findall(r"\d+", spec)), default=0)
 
 
 def _format_width(fmt: str) -> int:

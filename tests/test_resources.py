@@ -280,9 +280,38 @@ def test_smollm2_in_too_little_memory(smollm2_path):
 # "x" * n; render_chat_template adds both bounds.
 HOSTILE_TEMPLATES = {
     "huge_string": "{{ 'x' * 10**10 }}",
+    "str_method_width": "{{ ('x'.center(10**10))|length }}",
+    "format_width": "{{ '{:>9999999999}'.format(1)|length }}",
+    "format_map_width": "{{ '{x:{w}}'.format_map({'x': 1, 'w': 10**10})|length }}",
+    "join": "{{ ','.join(['x' * 10**7] * 1000)|length }}",
     "nested_loops": "{% for a in range(99999) %}{% for b in range(99999) %}"
                     "{% endfor %}{% endfor %}",
 }
+
+
+@pytest.mark.parametrize("template", ["{{ 1/0 }}", "{{ 'abc'[::0] }}",
+                                      "{{ '{0}{1}'.format(1) }}", "{{ 'abc'|truncate(-5) }}",
+                                      "{{ range(1, 2, 0)|list }}", "{{ none.x() }}"])
+def test_a_chat_template_that_fails_raises_chat_template_error(template):
+    """Python errors inside a model's template (a division by zero, a bad
+    slice or format, a failed assertion in a filter) are the template's bug:
+    ChatTemplateError names them, never a raw traceback."""
+    from fastattn.generation import ChatTemplateError, render_chat_template
+    with pytest.raises(ChatTemplateError, match="chat template"):
+        render_chat_template(template, [{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("template", ["{{ ('x'.center(10**8))|length }}",
+                                      "{{ 'x'.zfill(10**8)|length }}",
+                                      "{{ '{:>100000000}'.format(1)|length }}",
+                                      "{{ '{:{}}'.format(1, 10**8)|length }}",
+                                      "{{ ('\t' * 100).expandtabs(10**6)|length }}"])
+def test_str_methods_are_bounded_before_they_run(template):
+    """A str method whose output size an argument sets is refused before it
+    allocates (these would build 100 MB strings and print only a length)."""
+    from fastattn.generation import ChatTemplateError, render_chat_template
+    with pytest.raises(ChatTemplateError, match="would make more than"):
+        render_chat_template(template, [{"role": "user", "content": "hi"}])
 
 
 @needs_rlimit
