@@ -118,6 +118,10 @@ def _llama_model_params(**fields):
     def params():
         p = default()
         for name, value in fields.items():
+            # a ctypes struct takes any attribute; one it lacks would be ignored
+            if name not in {f[0] for f in type(p)._fields_}:
+                raise RuntimeError(f"this llama-cpp-python has no model parameter "
+                                   f"{name!r}; a newer one is needed on this CPU")
             setattr(p, name, value)
         return p
 
