@@ -694,6 +694,22 @@ static void product_claimed(const fa_model *m, const fa_prepared *p, const fa_we
     }
 }
 
+/* y = in [n, w->n_in] times w, then the residual add s->x += y (+ b): by
+ * claimed chunks (a decode on several threads, its input prepared into
+ * prep_buf), else by fixed shares. */
+static void product_residual(const fa_model *m, fa_state *s, const fa_weight *w,
+                             const float *b, const float *in, float *y, int64_t n,
+                             int claimed, void *prep_buf, const team *tm) {
+    if (claimed) {
+        fa_prepared prep;
+        fa_matmul_prepare(&prep, m->act, in, n, w->n_in, prep_buf);
+        product_claimed(m, &prep, w, y, s->x, b, tm);
+        return;
+    }
+    fa_matmul_act(m->act, w, in, y, n, tm->ith, tm->nth);
+    residual_own(m, w, s->x, y, b, n, tm->ith, tm->nth);
+}
+
 /* The MLP's up (and gate) products and activation, by claimed chunks of
  * the n_ff rows (columns of the activation). */
 static void mlp_claimed(const fa_model *m, const fa_layer *L, fa_state *s,
@@ -919,13 +935,8 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
                             ith, nth);                                /* -> [n, E] */
             BARRIER_BEFORE(&L->attn_output)
         }
-        if (claimed) {
-            fa_matmul_prepare(&prep, m->act, att, n, E, prep_buf);
-            product_claimed(m, &prep, &L->attn_output, y, s->x, L->attn_output_b, tm);
-        } else {
-            fa_matmul_act(m->act, &L->attn_output, att, y, n, ith, nth);        /* -> [n, E] */
-            residual_own(m, &L->attn_output, s->x, y, L->attn_output_b, n, ith, nth);
-        }
+        product_residual(m, s, &L->attn_output, L->attn_output_b, att, y, n, claimed,
+                         prep_buf, tm);                                          /* -> [n, E] */
         BARRIER_BEFORE_PRODUCT(&L->ffn_up)
 
         /* the MLP's norm; gpt2 down(gelu(up h)), llama down(silu(gate h) * up h) */
@@ -949,13 +960,8 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
         }
         BARRIER_BEFORE_PRODUCT(&L->ffn_down)
         float *h = gpt2 ? s->ffn_a : s->ffn_b;
-        if (claimed) {
-            fa_matmul_prepare(&prep, m->act, h, n, F, prep_buf);
-            product_claimed(m, &prep, &L->ffn_down, y, s->x, L->ffn_down_b, tm);
-        } else {
-            fa_matmul_act(m->act, &L->ffn_down, h, y, n, ith, nth);             /* -> [n, E] */
-            residual_own(m, &L->ffn_down, s->x, y, L->ffn_down_b, n, ith, nth);
-        }
+        product_residual(m, s, &L->ffn_down, L->ffn_down_b, h, y, n, claimed, prep_buf,
+                         tm);                                                    /* -> [n, E] */
         if (l + 1 < m->n_layer && qkv_by_heads) {
             const void *next;
             size_t bytes = qkv_region(m, &m->layers[l + 1], ith, nth, &next);
