@@ -621,10 +621,10 @@ static void mlp_act_flat(const fa_model *m, const fa_layer *L, fa_state *s, int6
  * SmolLM2 decode reached the barrier after each 1.2-2.2 us apart on average
  * (a build that timed its waits): about 6% of the threads' time went to
  * waiting, and on a shared machine a thread that loses its core for a
- * moment holds up the other for as long.  So a decode
- * (a chunk of at most FA_OWN_ROWS tokens, more than one thread) hands out
- * its products' rows while they run: the rows are cut into units (16 rows,
- * or a head for q, k and v), each thread has its even share of the units,
+ * moment holds up the other for as long.  So a decode (a chunk of at most
+ * FA_OWN_ROWS tokens, more than one thread) hands out its products' rows
+ * while they run: the rows are cut into units (below, or a head for q, k
+ * and v), each thread has its even share of the units,
  * and it takes chunks of its own share, then of the others' shares, until
  * none is left; the work fused into a product (residual add, activation,
  * head steps) is done chunk by chunk by the thread that computed it.  Which

@@ -248,11 +248,11 @@ void fa_matmul_packed_panels(const fa_weight *w, const float *x, const float *sx
         const int64_t gn = n_seq - g0 < group ? n_seq - g0 : group;
         const float *xg = x + g0 * n_in;
         float *yg = y + g0 * n_out;
-        float *sx = sx_buf;
+        const float *sx = sx_buf;
         if (q41 && sx_all)
-            sx = (float *)sx_all + g0 * nb;
+            sx = sx_all + g0 * nb;
         else if (q41)
-            for (int64_t t = 0; t < gn; t++) fa_block_sums(xg + t * n_in, nb, sx + t * nb);
+            for (int64_t t = 0; t < gn; t++) fa_block_sums(xg + t * n_in, nb, sx_buf + t * nb);
 
         if (gn == 1) {
             for (int64_t p = p0; p < p1; p += k->np_decode) {
