@@ -640,13 +640,17 @@ static int amx_probe(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 
-static int amx_usable(void) {
+static int amx_supported(void) {
     int st = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
     if (st < 0) {
         st = amx_probe();
         __atomic_store_n(&amx_state, st, __ATOMIC_RELEASE);
     }
-    return st && __atomic_load_n(&amx_wanted, __ATOMIC_RELAXED);
+    return st;
+}
+
+static int amx_usable(void) {
+    return amx_supported() && __atomic_load_n(&amx_wanted, __ATOMIC_RELAXED);
 }
 
 typedef struct {
@@ -970,11 +974,7 @@ void fa_q8_set_amx(int on) {
 
 int fa_q8_amx_available(void) {
 #ifdef HAVE_AMX
-    int was = __atomic_load_n(&amx_wanted, __ATOMIC_RELAXED);
-    __atomic_store_n(&amx_wanted, 1, __ATOMIC_RELAXED);
-    int ok = amx_usable();
-    __atomic_store_n(&amx_wanted, was, __ATOMIC_RELAXED);
-    return ok;
+    return amx_supported();
 #else
     return 0;
 #endif
