@@ -182,6 +182,11 @@ void fa_matmul_prepare(fa_prepared *p, int act, const float *x, int64_t n_seq, i
                        void *scratch);
 void fa_matmul_range(const fa_prepared *p, const fa_weight *w, float *y, int64_t r0,
                      int64_t r1, int64_t r_pf);
+/* Blocks [b0, b1) of every row of x [n_seq, n_in] into quantized rows
+ * (fa_q8_quantize_rows' layout). */
+void fa_q8_quantize_cols(const float *x, int64_t n_in, int64_t n_seq, int64_t b0, int64_t b1,
+                         void *rows);
+
 /* The q8 kernels' AMX-INT8 path (csrc/quant_act.c): whether this CPU and
  * kernel let it run, and a switch to turn it off (1 on, the default) so that
  * tests can compare it with the VNNI kernels. */

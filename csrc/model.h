@@ -96,6 +96,8 @@ typedef struct {
                                   each position in the chunk */
     void *xq;                  /* the normed rows quantized for the q8 products
                                   (fa_q8_rows_bytes(max_chunk, n_embd)), or NULL */
+    void *xq_ff;               /* the MLP activation quantized for the down product
+                                  (fa_q8_rows_bytes(max_chunk, n_ff)), or NULL */
     void *claims;              /* [att_threads] counters, one per 64 bytes: the rows
                                   taken so far of each thread's share of a decode
                                   product (forward.c, claim_next) */

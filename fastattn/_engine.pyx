@@ -411,8 +411,9 @@ def state_bytes(config, n_ctx, max_chunk, kv_type=0):
     chunk = min(max_chunk, n_ctx)
     qkv = 3 * E if config.family == "gpt2" else 2 * Ekv
     scratch = chunk * (4 * E + qkv + 2 * F) * 4
-    if E % 32 == 0:  # the normed rows quantized for q8 products (fa_q8_rows_bytes)
-        scratch += chunk * (E + 3 * 4 * (E // 32))
+    for width in (E, F):  # normed rows and the MLP activation quantized for q8 products
+        if width % 32 == 0:  # (fa_q8_rows_bytes)
+            scratch += chunk * (width + 3 * 4 * (width // 32))
     return kv, scratch
 
 
