@@ -204,9 +204,6 @@ size_t fa_matmul_region_rows(int act, const fa_weight *w, int64_t r0, int64_t r1
 void fa_matmul_f32_range(const fa_weight *w, const float *x, const float *sx, float *y,
                          int64_t n_seq, int64_t r0, int64_t r1);
 
-/* fa_matmul_region for the float path (fa_matmul): the thread's panels of a
- * packed copy, else its rows. */
-size_t fa_matmul_region_f32(const fa_weight *w, int ith, int nth, const void **start);
 
 /* The half-open share [*lo, *hi) of n items that thread ith of nth owns. */
 static inline void fa_share(int64_t n, int ith, int nth, int64_t *lo, int64_t *hi) {

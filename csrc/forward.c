@@ -699,17 +699,18 @@ static void product_claimed(const fa_model *m, const fa_prepared *p, const fa_we
 
 /* y = in [n, w->n_in] times w, then the residual add s->x += y (+ b): by
  * claimed chunks (a decode on several threads, its input prepared into
- * prep_buf), else by fixed shares. */
+ * prep_buf), else by fixed shares, from in's quantized copy inq when the
+ * caller made one (product_xn). */
 static void product_residual(const fa_model *m, fa_state *s, const fa_weight *w,
-                             const float *b, const float *in, float *y, int64_t n,
-                             int claimed, void *prep_buf, const team *tm) {
+                             const float *b, const float *in, const void *inq, float *y,
+                             int64_t n, int claimed, void *prep_buf, const team *tm) {
     if (claimed) {
         fa_prepared prep;
         fa_matmul_prepare(&prep, m->act, in, n, w->n_in, prep_buf);
         product_claimed(m, &prep, w, y, s->x, b, tm);
         return;
     }
-    fa_matmul_act(m->act, w, in, y, n, tm->ith, tm->nth);
+    product_xn(m, w, in, inq, y, n, tm->ith, tm->nth);
     residual_own(m, w, s->x, y, b, n, tm->ith, tm->nth);
 }
 
@@ -956,11 +957,12 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
                             ith, nth);                                /* -> [n, E] */
             BARRIER_BEFORE(&L->attn_output)
         }
-        product_residual(m, s, &L->attn_output, L->attn_output_b, att, y, n, claimed,
+        product_residual(m, s, &L->attn_output, L->attn_output_b, att, NULL, y, n, claimed,
                          prep_buf, tm);                                          /* -> [n, E] */
         BARRIER_BEFORE_PRODUCT(&L->ffn_up)
 
         /* the MLP's norm; gpt2 down(gelu(up h)), llama down(silu(gate h) * up h) */
+        const float *down_in = gpt2 ? s->ffn_a : s->ffn_b;  /* the activation */
         norm_rows(m, s->x, L->ffn_norm_w, L->ffn_norm_b, xn, nr0, nr1);
         QUANTIZE_XN
         if (!own) BARRIER
@@ -976,7 +978,7 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
                 if (r0 >= 0 && r1 <= F && r0 < r1) {
                     mlp_act_cols(m, L, s, n, r0, r1);
                     if (xq_ff)
-                        fa_q8_quantize_cols(gpt2 ? s->ffn_a : s->ffn_b, F, n, r0 / FA_QK,
+                        fa_q8_quantize_cols(down_in, F, n, r0 / FA_QK,
                                             (r1 + FA_QK - 1) / FA_QK, xq_ff);
                 }
             } else {
@@ -985,14 +987,8 @@ static void forward_chunk(const fa_model *m, fa_state *s, const int32_t *ids, in
             }
         }
         BARRIER_BEFORE_PRODUCT(&L->ffn_down)
-        float *h = gpt2 ? s->ffn_a : s->ffn_b;
-        if (xq_ff) {
-            fa_matmul_q8_rows(&L->ffn_down, xq_ff, h, y, n, ith, nth);          /* -> [n, E] */
-            residual_own(m, &L->ffn_down, s->x, y, L->ffn_down_b, n, ith, nth);
-        } else {
-            product_residual(m, s, &L->ffn_down, L->ffn_down_b, h, y, n, claimed, prep_buf,
-                             tm);                                                /* -> [n, E] */
-        }
+        product_residual(m, s, &L->ffn_down, L->ffn_down_b, down_in, xq_ff, y, n, claimed,
+                         prep_buf, tm);                                          /* -> [n, E] */
         if (l + 1 < m->n_layer && qkv_by_heads) {
             const void *next;
             size_t bytes = qkv_region(m, &m->layers[l + 1], ith, nth, &next);

@@ -256,26 +256,6 @@ void fa_matmul_share(int act, const fa_weight *w, int ith, int nth, int64_t *r0,
         fa_share(w->n_out, ith, nth, r0, r1);
 }
 
-/* The float path's region: the thread's panels of a packed copy, else its
- * rows of the file form.  (The q8 kernels' copy: fa_matmul_region.) */
-size_t fa_matmul_region_f32(const fa_weight *w, int ith, int nth, const void **start) {
-    *start = NULL;
-    if (!weight_ok(w)) return 0;
-    int64_t r0, r1;
-    if (w->packed) {
-        size_t pb = fa_panel_bytes(w->type, w->n_in);
-        fa_packed_share(w, ith, nth, &r0, &r1);
-        if (pb == 0 || r0 >= r1) return 0;
-        int64_t p0 = r0 / FA_PANEL, p1 = (r1 + FA_PANEL - 1) / FA_PANEL;
-        *start = (const uint8_t *)w->packed + (size_t)p0 * pb;
-        return (size_t)(p1 - p0) * pb;
-    }
-    fa_share(w->n_out, ith, nth, &r0, &r1);
-    if (r0 >= r1) return 0;
-    *start = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
-    return (size_t)(r1 - r0) * w->row_bytes;
-}
-
 void fa_parallel_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                         int n_threads) {
     if (n_threads < 1) n_threads = 1;

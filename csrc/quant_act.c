@@ -1128,21 +1128,9 @@ void fa_matmul_q8(const fa_weight *w, const float *x, float *y, int64_t n_seq, i
 }
 
 size_t fa_matmul_region(int act, const fa_weight *w, int ith, int nth, const void **start) {
-    *start = NULL;
-    if (!w || !w->data || w->n_out <= 0 || w->n_in <= 0) return 0;
-    if (act != FA_ACT_Q8 || !q8_takes(w)) return fa_matmul_region_f32(w, ith, nth, start);
-    const size_t rb = w->row_bytes;
     int64_t r0, r1;
-    fa_share(w->n_out, ith, nth, &r0, &r1);  /* as fa_matmul_q8 splits */
-    if (r0 >= r1) return 0;
-    if (!w->packed_q8) {
-        *start = (const uint8_t *)w->data + (size_t)r0 * rb;
-        return (size_t)(r1 - r0) * rb;
-    }
-    const size_t gb = qp_group_bytes(w->type, w->n_in / FA_QK);
-    const int64_t g0 = r0 / QP_ROWS, g1 = (r1 + QP_ROWS - 1) / QP_ROWS;
-    *start = (const uint8_t *)w->packed_q8 + (size_t)g0 * gb;
-    return (size_t)(g1 - g0) * gb;
+    fa_matmul_share(act, w, ith, nth, &r0, &r1);  /* the rows fa_matmul_act computes */
+    return fa_matmul_region_rows(act, w, r0, r1, start);
 }
 
 size_t fa_prepare_bytes(int64_t n_seq, int64_t n_in) {
@@ -1218,6 +1206,7 @@ size_t fa_matmul_region_rows(int act, const fa_weight *w, int64_t r0, int64_t r1
     /* both packed copies hold groups (panels) of 16 rows */
     const size_t gb = q8 ? qp_group_bytes(w->type, w->n_in / FA_QK)
                          : fa_panel_bytes(w->type, w->n_in);
+    if (gb == 0) return 0;
     const int64_t g0 = r0 / 16, g1 = (r1 + 15) / 16;
     *start = copy + (size_t)g0 * gb;
     return (size_t)(g1 - g0) * gb;
