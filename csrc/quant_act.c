@@ -13,20 +13,26 @@
  * Dot of a weight row (integer values wq, scale dw, for Q4_1 a min mw) with
  * it; the same operations at every SIMD level, so all levels agree bit for bit:
  *   p[b] = sum_{j < 32} wq[32 b + j] q[32 b + j]       exact int32
- *   acc  = 0;  acc = acc + (dw[b] d[b]) * (float)p[b]   for b = 0, 1, .. in order
- *   m    = 0;  m   = m + mw[b] s[b]                     for b in order, Q4_1 only
+ *   acc  = 0;  acc = fma(dw[b] d[b], (float)p[b], acc)  for b = 0, 1, .. in order
+ *   m    = 0;  m   = fma(mw[b], s[b], m)                for b in order, Q4_1 only
  *   y    = acc + m
- * Every multiply and add is a float32 operation of its own: the file is
- * compiled with floating-point contraction off so no pair is fused into an
- * FMA at one level and not at another.  One chain per output is enough: the
- * kernels always work on many outputs at once (16 weight rows per vector at
- * the AVX-512 level), so the chains' latencies overlap.
+ * fma(a, b, c) is a * b + c rounded once (fmaf, _mm512_fmadd_ps); every
+ * other multiply and add is a float32 operation of its own.  The file is
+ * compiled with floating-point contraction off so the compiler fuses no
+ * other pair at one level and not at another.  The two fmas are what the
+ * float work of a block costs most of: a convert, a multiply and two fmas
+ * per x row and 16 weight rows, against a convert, three multiplies and two
+ * adds when each product was rounded on its own (on an Intel Xeon with AMX,
+ * a SmolLM2 q8 prefill ran 3-5 % faster with the fmas; the decode, bound by
+ * memory, did not change).  One chain per output is enough: the kernels
+ * always work on many outputs at once (16 weight rows per vector at the
+ * AVX-512 level), so the chains' latencies overlap.
  *
  * The AVX-512 VNNI kernel puts weight rows in vector lanes: lane r of a
  * 512-bit register holds 4 consecutive values of row r, so one vpdpbusd
  * with x's matching 4 bytes broadcast adds 4 products to each of 16 rows, 8
- * of them make p[b] for 16 rows, and the float work (convert, two multiplies,
- * an add) is done once per 16 rows instead of once per row.  vpdpbusd takes
+ * of them make p[b] for 16 rows, and the float work (a convert, a multiply,
+ * an fma) is done once per 16 rows instead of once per row.  vpdpbusd takes
  * unsigned weights, so signed ones are stored as u = wq + off (Q4_0: off 8,
  * which is the nibble itself; Q8_0: off 128) and the sum starts from
  * -off * sum_j q[32 b + j]: the same exact integer p[b].
@@ -288,12 +294,8 @@ static void generic_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk
                     int p = 0;
                     for (int j = 0; j < FA_QK; j++) p += (int)v[j] * (int)q[j];
                     float dd = dw * x->d[(t0 + t) * nb + b];
-                    float tt = dd * (float)p;
-                    acc[t] = acc[t] + tt;
-                    if (type == FA_Q4_1) {
-                        float tm = mw * x->s[(t0 + t) * nb + b];
-                        m[t] = m[t] + tm;
-                    }
+                    acc[t] = fmaf(dd, (float)p, acc[t]);
+                    if (type == FA_Q4_1) m[t] = fmaf(mw, x->s[(t0 + t) * nb + b], m[t]);
                 }
             }
             for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = acc[t] + m[t];
@@ -362,12 +364,8 @@ INL2 void avx2_run_type(int type, const uint8_t *w, size_t rb, int64_t r0, int64
                         (const __m256i *)(x->q + (t0 + t) * n_in + b * FA_QK));
                     int p = avx2_pdot(type, wv, xv);
                     float dd = dw * x->d[xb];
-                    float tt = dd * (float)p;
-                    acc[t] = acc[t] + tt;
-                    if (type == FA_Q4_1) {
-                        float tm = mw * x->s[xb];
-                        m[t] = m[t] + tm;
-                    }
+                    acc[t] = fmaf(dd, (float)p, acc[t]);
+                    if (type == FA_Q4_1) m[t] = fmaf(mw, x->s[xb], m[t]);
                 }
             }
             for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = acc[t] + m[t];
@@ -526,9 +524,8 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
         for (int t = 0; t < T; t++) {
             const int64_t xb = (t0 + t) * nb + b;
             __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(x->d[xb]));
-            acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(p[t])));
-            if (type == FA_Q4_1)
-                m[t] = _mm512_add_ps(m[t], _mm512_mul_ps(mw, _mm512_set1_ps(x->s[xb])));
+            acc[t] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(p[t]), acc[t]);
+            if (type == FA_Q4_1) m[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x->s[xb]), m[t]);
         }
     }
 #pragma GCC unroll 8
@@ -715,9 +712,8 @@ TAMX static inline __attribute__((always_inline)) void amx_finish(
             __m512i p = _mm512_loadu_si512((const void *)(cb + (b * 16 + (t0 + t - tc)) * 16));
             if (off) p = _mm512_add_epi32(p, _mm512_set1_epi32(off * x->neg[xb]));
             __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(x->d[xb]));
-            acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(p)));
-            if (type == FA_Q4_1)
-                m[t] = _mm512_add_ps(m[t], _mm512_mul_ps(mw, _mm512_set1_ps(x->s[xb])));
+            acc[t] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(p), acc[t]);
+            if (type == FA_Q4_1) m[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x->s[xb]), m[t]);
         }
     }
     for (int t = 0; t < T; t++)

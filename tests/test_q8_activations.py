@@ -7,6 +7,8 @@ models and on SmolLM2.  The packed copy a q8-mode model makes at load is
 checked against a numpy model of its layout and for giving the same bits as
 the file form, kernel by kernel and model by model.
 """
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,51 @@ def np_weight_blocks(w):
     return v, d, m
 
 
+def np_fma(a, b, c):
+    """fma(a, b, c) in float32, rounded once: a * b is exact in float64, the
+    sum's float64 rounding error comes from TwoSum, and it decides the one
+    case where rounding the float64 sum to float32 again could go the wrong
+    way (the sum landing exactly halfway between two float32 values)."""
+    a, b, c = (np.asarray(v, f32) for v in (a, b, c))
+    a, b, c = np.broadcast_arrays(a, b, c)
+    ab = a.astype(np.float64) * b.astype(np.float64)
+    c64 = c.astype(np.float64)
+    s = ab + c64
+    with np.errstate(invalid="ignore", over="ignore"):
+        bb = s - ab
+        err = (ab - (s - bb)) + (c64 - bb)
+        r = s.astype(f32)
+        other = np.nextafter(r, np.where(s > r, f32(np.inf), f32(-np.inf)))
+        tie = (np.isfinite(s) & (r.astype(np.float64) != s)
+               & ((r.astype(np.float64) + other.astype(np.float64)) / 2 == s) & (err != 0))
+        up = err > 0
+        hi, lo = np.maximum(r, other), np.minimum(r, other)
+    return np.where(tie, np.where(up, hi, lo), r).astype(f32)
+
+
+def f32_nearest(v):
+    """The float32 nearest the rational v, ties to even."""
+    near = f32(float(v))  # within a float64 step of v: the answer is it or a neighbour
+    cands = [near, np.nextafter(near, f32(-np.inf)), np.nextafter(near, f32(np.inf))]
+    return min(cands, key=lambda c: (abs(Fraction(float(c)) - v), int(c.view(np.int32)) & 1))
+
+
+def test_np_fma_rounds_once():
+    # a * b = 2^-24 - 2^-70 and c = 1 + 2^-23: the float64 sum rounds to
+    # 1 + 3 * 2^-24, halfway between two float32 values, and rounding that
+    # to even would go up; the exact value is below the midpoint
+    a, b, c = f32(1 + 2.0 ** -23), f32(2.0 ** -24 - 2.0 ** -47), f32(1 + 2.0 ** -23)
+    assert (a.astype(np.float64) * b + c.astype(np.float64)).astype(f32) != c
+    assert np_fma(a, b, c) == c
+    assert np_fma(1, 1, f32(2.0 ** -24)) == f32(1)  # an exact tie goes to even
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.standard_normal(400).astype(f32) for _ in range(3))
+    c[:100] = -(a[:100] * b[:100]) * f32(1 + 2.0 ** -20)  # cancellation
+    want = [f32_nearest(Fraction(float(p)) * Fraction(float(q)) + Fraction(float(r)))
+            for p, q, r in zip(a, b, c)]
+    np.testing.assert_array_equal(np_fma(a, b, c), np.array(want, f32))
+
+
 def np_matmul_q8(w, x):
     """The documented order of operations, in float32, for one x row."""
     v, dw, mw = np_weight_blocks(w)
@@ -69,9 +116,9 @@ def np_matmul_q8(w, x):
     for b in range(nb):
         p = (v[:, b, :] * qb[b]).sum(axis=1)  # exact ints
         dd = (dw[:, b] * dx[b]).astype(f32)
-        acc = (acc + (dd * p.astype(f32)).astype(f32)).astype(f32)
+        acc = np_fma(dd, p.astype(f32), acc)
         if w.qtype == W.Q4_1:
-            m = (m + (mw[:, b] * sx[b]).astype(f32)).astype(f32)
+            m = np_fma(mw[:, b], sx[b], m)
     return acc + m
 
 
