@@ -258,9 +258,12 @@ def test_amx_tiles_give_the_vnni_bits(qtype):
     """With AMX-INT8 a prefill's products run 16 x rows at a time on the tile
     unit and the rest on the VNNI tiles; either way every output is the VNNI
     tiles' bits: odd half scales, row counts and x rows that are not whole
-    groups, more rows than one tile of groups, 1 and 3 threads."""
+    groups, more rows than one tile of groups, rows of more blocks than the
+    tile unit's sums are stored for at once (21, 41 and 48 blocks: chunks of
+    11 + 10, 14 + 14 + 13, 3 x 16), 1 and 3 threads."""
     rng = np.random.default_rng(12)
-    cases = [(301, 576, 37), (16, 32, 16), (1100, 576, 48), (40, 96, 33), (37, 1536, 20)]
+    cases = [(301, 576, 37), (16, 32, 16), (1100, 576, 48), (40, 96, 33), (37, 1536, 20),
+             (18, 672, 16), (21, 1312, 32)]
     try:
         for n_out, n_in, n_seq in cases:
             w = make(rng, qtype, n_out, n_in)
