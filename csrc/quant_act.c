@@ -13,20 +13,23 @@
  * Dot of a weight row (integer values wq, scale dw, for Q4_1 a min mw) with
  * it; the same operations at every SIMD level, so all levels agree bit for bit:
  *   p[b] = sum_{j < 32} wq[32 b + j] q[32 b + j]       exact int32
- *   acc  = 0;  acc = fma(dw[b] d[b], (float)p[b], acc)  for b = 0, 1, .. in order
- *   m    = 0;  m   = fma(mw[b], s[b], m)                for b in order, Q4_1 only
- *   y    = acc + m
- * fma(a, b, c) is a * b + c rounded once (fmaf, _mm512_fmadd_ps); every
- * other multiply and add is a float32 operation of its own.  The file is
- * compiled with floating-point contraction off so the compiler fuses no
- * other pair at one level and not at another.  The two fmas are what the
- * float work of a block costs most of: a convert, a multiply and two fmas
- * per x row and 16 weight rows, against a convert, three multiplies and two
- * adds when each product was rounded on its own (on an Intel Xeon with AMX,
- * a SmolLM2 q8 prefill ran 3-5 % faster with the fmas; the decode, bound by
- * memory, did not change).  One chain per output is enough: the kernels
- * always work on many outputs at once (16 weight rows per vector at the
- * AVX-512 level), so the chains' latencies overlap.
+ *   y = 0
+ *   for b = 0, 1, .. in order:
+ *       y = fma(dw[b] d[b], (float)p[b], y)
+ *       y = fma(mw[b], s[b], y)                          Q4_1 only
+ * fma(a, b, c) is a * b + c rounded once (fmaf, _mm512_fmadd_ps); the other
+ * multiply is a float32 operation of its own.  The file is compiled with
+ * floating-point contraction off so the compiler fuses no other pair at one
+ * level and not at another.  This float work is what a block costs most of
+ * after the integer sums: a convert, a multiply and two fmas per x row and
+ * 16 weight rows, against a convert, three multiplies and two adds when
+ * each product was rounded on its own and the min terms had a sum of their
+ * own (on an Intel Xeon with AMX, a SmolLM2 q8 prefill ran 3-5 % faster with
+ * the fmas; the decode, bound by memory, did not change).  One accumulator
+ * per output also leaves registers for twice the x rows in the AMX kernel's
+ * float work.  One chain per output is enough: the kernels always work on
+ * many outputs at once (16 weight rows per vector at the AVX-512 level), so
+ * the chains' latencies overlap.
  *
  * The AVX-512 VNNI kernel puts weight rows in vector lanes: lane r of a
  * 512-bit register holds 4 consecutive values of row r, so one vpdpbusd
@@ -285,7 +288,7 @@ static void generic_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk
         const uint8_t *wr = w + (size_t)r * rb;
         for (int64_t t0 = 0; t0 < n_seq; t0 += Q8_CHUNK) {
             int nt = n_seq - t0 < Q8_CHUNK ? (int)(n_seq - t0) : Q8_CHUNK;
-            float acc[Q8_CHUNK] = {0}, m[Q8_CHUNK] = {0};
+            float acc[Q8_CHUNK] = {0};
             for (int64_t b = 0; b < nb; b++) {
                 float dw, mw;
                 generic_wblock(type, wr, b, v, &dw, &mw);
@@ -295,10 +298,10 @@ static void generic_run(int type, const uint8_t *w, size_t rb, const uint8_t *pk
                     for (int j = 0; j < FA_QK; j++) p += (int)v[j] * (int)q[j];
                     float dd = dw * x->d[(t0 + t) * nb + b];
                     acc[t] = fmaf(dd, (float)p, acc[t]);
-                    if (type == FA_Q4_1) m[t] = fmaf(mw, x->s[(t0 + t) * nb + b], m[t]);
+                    if (type == FA_Q4_1) acc[t] = fmaf(mw, x->s[(t0 + t) * nb + b], acc[t]);
                 }
             }
-            for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = acc[t] + m[t];
+            for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = acc[t];
         }
     }
 }
@@ -354,7 +357,7 @@ INL2 void avx2_run_type(int type, const uint8_t *w, size_t rb, int64_t r0, int64
         const uint8_t *wr = w + (size_t)r * rb;
         for (int64_t t0 = 0; t0 < n_seq; t0 += Q8_CHUNK) {
             int nt = n_seq - t0 < Q8_CHUNK ? (int)(n_seq - t0) : Q8_CHUNK;
-            float acc[Q8_CHUNK] = {0}, m[Q8_CHUNK] = {0};
+            float acc[Q8_CHUNK] = {0};
             for (int64_t b = 0; b < nb; b++) {
                 float dw, mw = 0.0f;
                 __m256i wv = avx2_wblock(type, wr, b, &dw, &mw);
@@ -365,10 +368,10 @@ INL2 void avx2_run_type(int type, const uint8_t *w, size_t rb, int64_t r0, int64
                     int p = avx2_pdot(type, wv, xv);
                     float dd = dw * x->d[xb];
                     acc[t] = fmaf(dd, (float)p, acc[t]);
-                    if (type == FA_Q4_1) m[t] = fmaf(mw, x->s[xb], m[t]);
+                    if (type == FA_Q4_1) acc[t] = fmaf(mw, x->s[xb], acc[t]);
                 }
             }
-            for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = acc[t] + m[t];
+            for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = acc[t];
         }
     }
 }
@@ -465,9 +468,9 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
     const size_t qb = qp_quant_bytes(type);
     const uint8_t *scales = direct ? NULL : pk + (size_t)nb * qb;
     const uint8_t *mins = direct ? NULL : scales + (size_t)nb * 32;
-    __m512 acc[QV_T], m[QV_T];
+    __m512 acc[QV_T];
 #pragma GCC unroll 8
-    for (int t = 0; t < T; t++) acc[t] = m[t] = _mm512_setzero_ps();
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m512i wv[8];
         __m512 dw, mw = _mm512_setzero_ps();
@@ -525,12 +528,11 @@ INLV void vnni_tile(int type, const int direct, const uint8_t *pk,
             const int64_t xb = (t0 + t) * nb + b;
             __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(x->d[xb]));
             acc[t] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(p[t]), acc[t]);
-            if (type == FA_Q4_1) m[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x->s[xb]), m[t]);
+            if (type == FA_Q4_1) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x->s[xb]), acc[t]);
         }
     }
 #pragma GCC unroll 8
-    for (int t = 0; t < T; t++)
-        _mm512_mask_storeu_ps(y + (t0 + t) * ldy + r, lanes, _mm512_add_ps(acc[t], m[t]));
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + r, lanes, acc[t]);
 }
 
 /* One function per (type, T): inside, T is a constant, so the compiler keeps
@@ -608,11 +610,11 @@ TVNNI static void vnni_pack(int type, const uint8_t *const *rows, int64_t nb, ui
  * for bit.  Q8_0's packed quant vectors are tile B as they are; Q4_0 and
  * Q4_1 have their nibbles split into bytes once per tile of groups (wexp)
  * and reused by every 16 x rows.  The sums of a chunk of blocks are stored
- * (cbuf, at most AMX_CHUNK_MAX blocks) and their float work runs 8 x rows at
- * a time, its 16 accumulators in registers.  Fewer than 16 x rows left over take the VNNI tiles.  Linux
- * lends a process the tile registers only once it asks (arch_prctl); if the
- * kernel refuses, or FASTATTN_NO_AMX is set, or fa_q8_set_amx(0) was called,
- * the VNNI tiles do everything. */
+ * (cbuf, at most AMX_CHUNK_MAX blocks) and their float work runs for all 16
+ * x rows at once, its 16 accumulators in registers.  Fewer than 16 x rows
+ * left over take the VNNI tiles.  Linux lends a process the tile registers
+ * only once it asks (arch_prctl); if the kernel refuses, or FASTATTN_NO_AMX
+ * is set, or fa_q8_set_amx(0) was called, the VNNI tiles do everything. */
 #if defined(__linux__) && (__GNUC__ >= 11)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -707,59 +709,58 @@ static int64_t amx_chunk(int64_t nb) {
     return (nb + n - 1) / n;
 }
 
-/* amx_groups' scratch: a chunk's sums, then 2 x 16 carried accumulators */
-#define AMX_CBUF_BYTES(nb) ((size_t)amx_chunk(nb) * 1024 + 2048)
+/* amx_groups' scratch, 64-byte aligned: a chunk's sums (1 KiB a block), 16
+ * carried accumulators (1 KiB), and the scales of the 16 x rows in hand laid
+ * out block by block (d, s and off * neg: 3 x 64 bytes a block), so that
+ * the float work reaches them from one pointer instead of one per x row. */
+#define AMX_CBUF_BYTES(nb) ((size_t)amx_chunk(nb) * 1024 + 1024 + (size_t)(nb) * 192)
 
-/* The float work of the VNNI tile on stored sums, blocks [b0, b1): x rows
- * t0 .. t0 + T - 1 (T <= 8), sums cb[b - b0][t - tc][16] for the block of x
- * rows starting at tc.  Accumulators start at zero for b0 = 0 and go to y
- * after the row's last block; otherwise they come from and go to carry
- * (2 T vectors). */
+/* The float work of the VNNI tile on stored sums, for 16 x rows and blocks
+ * [b0, b1): sums cb[b - b0][t][16], x scales xd, xs, xn [b][t].  The
+ * accumulators start at zero for b0 = 0 and go to y (rows t * ldy) after the
+ * row's last block; otherwise they come from and go to carry. */
 TAMX static inline __attribute__((always_inline)) void amx_finish(
-    int type, const uint8_t *scales, const uint8_t *mins, const int32_t *cb, int64_t tc,
-    const q8_act *x, int64_t t0, const int T, float *y, int64_t ldy, int64_t r,
-    __mmask16 lanes, int64_t b0, int64_t b1, float *carry) {
-    const int64_t nb = x->nb;
+    int type, const uint8_t *scales, const uint8_t *mins, const int32_t *cb, const float *xd,
+    const float *xs, const int32_t *xn, int64_t nb, int64_t b0, int64_t b1, float *y,
+    int64_t ldy, int64_t r, __mmask16 lanes, float *carry) {
     const int off = q8_offset(type);
-    __m512 acc[8], m[8];
-    for (int t = 0; t < T; t++) {
-        acc[t] = b0 ? _mm512_load_ps(carry + 32 * t) : _mm512_setzero_ps();
-        m[t] = b0 ? _mm512_load_ps(carry + 32 * t + 16) : _mm512_setzero_ps();
-    }
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; t++)
+        acc[t] = b0 ? _mm512_load_ps(carry + 16 * t) : _mm512_setzero_ps();
     for (int64_t b = b0; b < b1; b++) {
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 32 * b)));
         const __m512 mw = type == FA_Q4_1
             ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mins + 32 * b)))
             : _mm512_setzero_ps();
-        const int32_t *cbb = cb + (b - b0) * 256;
-        for (int t = 0; t < T; t++) {
-            const int64_t xb = (t0 + t) * nb + b;
-            __m512i p = _mm512_load_si512((const void *)(cbb + (t0 + t - tc) * 16));
-            if (off) p = _mm512_add_epi32(p, _mm512_set1_epi32(off * x->neg[xb]));
-            __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(x->d[xb]));
+        const int32_t *cbb = cb + (b - b0) * 256, *nbb = xn + 16 * b;
+        const float *db = xd + 16 * b, *sb = xs + 16 * b;
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; t++) {
+            __m512i p = _mm512_load_si512((const void *)(cbb + 16 * t));
+            if (off) p = _mm512_add_epi32(p, _mm512_set1_epi32(nbb[t]));
+            __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(db[t]));
             acc[t] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(p), acc[t]);
-            if (type == FA_Q4_1) m[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x->s[xb]), m[t]);
+            if (type == FA_Q4_1) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sb[t]), acc[t]);
         }
     }
     if (b1 < nb) {
-        for (int t = 0; t < T; t++) {
-            _mm512_store_ps(carry + 32 * t, acc[t]);
-            _mm512_store_ps(carry + 32 * t + 16, m[t]);
-        }
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; t++) _mm512_store_ps(carry + 16 * t, acc[t]);
         return;
     }
-    for (int t = 0; t < T; t++)
-        _mm512_mask_storeu_ps(y + (t0 + t) * ldy + r, lanes, _mm512_add_ps(acc[t], m[t]));
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; t++) _mm512_mask_storeu_ps(y + t * ldy + r, lanes, acc[t]);
 }
 
-#define AMX_FINISH(type)                                                               \
-    TAMX static void amx_finish_##type(const uint8_t *scales, const uint8_t *mins,      \
-                                       const int32_t *cb, int64_t tc, const q8_act *x, \
-                                       int64_t t0, float *y, int64_t ldy, int64_t r,   \
-                                       __mmask16 lanes, int64_t b0, int64_t b1,        \
-                                       float *carry) {                                 \
-        amx_finish(type, scales, mins, cb, tc, x, t0, 8, y, ldy, r, lanes, b0, b1,     \
-                   carry);                                                             \
+#define AMX_FINISH(type)                                                                  \
+    TAMX static void amx_finish_##type(const uint8_t *scales, const uint8_t *mins,         \
+                                       const int32_t *cb, const float *xd, const float *xs, \
+                                       const int32_t *xn, int64_t nb, int64_t b0,          \
+                                       int64_t b1, float *y, int64_t ldy, int64_t r,       \
+                                       __mmask16 lanes, float *carry) {                    \
+        amx_finish(type, scales, mins, cb, xd, xs, xn, nb, b0, b1, y, ldy, r, lanes,       \
+                   carry);                                                                \
     }
 AMX_FINISH(FA_Q8_0)
 AMX_FINISH(FA_Q4_0)
@@ -775,9 +776,9 @@ TAMX static void amx_groups(int type, const uint8_t *pk, size_t gb, int64_t row0
                             int32_t *cbuf, const char *pf, size_t pf_bytes) {
     const int64_t nb = x->nb, n_in = x->n_in;
     const size_t qb = qp_quant_bytes(type);
-    void (*finish)(const uint8_t *, const uint8_t *, const int32_t *, int64_t,
-                   const q8_act *, int64_t, float *, int64_t, int64_t, __mmask16, int64_t,
-                   int64_t, float *) =
+    void (*finish)(const uint8_t *, const uint8_t *, const int32_t *, const float *,
+                   const float *, const int32_t *, int64_t, int64_t, int64_t, float *, int64_t,
+                   int64_t, __mmask16, float *) =
         type == FA_Q8_0 ? amx_finish_FA_Q8_0 : type == FA_Q4_0 ? amx_finish_FA_Q4_0
                                                                 : amx_finish_FA_Q4_1;
 
@@ -794,9 +795,19 @@ TAMX static void amx_groups(int type, const uint8_t *pk, size_t gb, int64_t row0
         }
     }
     const int64_t chunk = amx_chunk(nb);
+    const int off = q8_offset(type);
     float *carry = (float *)(cbuf + chunk * 256);
+    float *xd = carry + 256, *xs = xd + nb * 16;
+    int32_t *xn = (int32_t *)(xs + nb * 16);
     for (int64_t tc = 0; tc < n_tok; tc += 16) {
         const int8_t *xq = x->q + tc * n_in;
+        for (int64_t b = 0; b < nb; b++)
+            for (int t = 0; t < 16; t++) {
+                const int64_t xb = (tc + t) * nb + b;
+                xd[16 * b + t] = x->d[xb];
+                xs[16 * b + t] = x->s[xb];
+                xn[16 * b + t] = off ? off * x->neg[xb] : 0;
+            }
         for (int64_t g = g0; g < g1; g++) {
             const int64_t gr = row0 + g * QV_ROWS;
             const uint8_t *grp = pk + (size_t)g * gb;
@@ -830,10 +841,9 @@ TAMX static void amx_groups(int type, const uint8_t *pk, size_t gb, int64_t row0
                     _tile_dpbsud(0, 2, 4);
                     _tile_stored(0, cbuf + (b - b0) * 256, 64);
                 }
-                /* then their float work, 8 x rows at a time */
-                finish(scales, mins, cbuf, tc, x, tc, y, ldy, gr, lanes, b0, b1, carry);
-                finish(scales, mins, cbuf, tc, x, tc + 8, y, ldy, gr, lanes, b0, b1,
-                       carry + 256);
+                /* then their float work */
+                finish(scales, mins, cbuf, xd, xs, xn, nb, b0, b1, y + tc * ldy, ldy, gr, lanes,
+                       carry);
             }
         }
     }

@@ -112,14 +112,13 @@ def np_matmul_q8(w, x):
     n_out, nb, _ = v.shape
     qb = q.astype(np.int32).reshape(nb, 32)
     acc = np.zeros(n_out, f32)
-    m = np.zeros(n_out, f32)
     for b in range(nb):
         p = (v[:, b, :] * qb[b]).sum(axis=1)  # exact ints
         dd = (dw[:, b] * dx[b]).astype(f32)
         acc = np_fma(dd, p.astype(f32), acc)
         if w.qtype == W.Q4_1:
-            m = np_fma(mw[:, b], sx[b], m)
-    return acc + m
+            acc = np_fma(mw[:, b], sx[b], acc)
+    return acc
 
 
 def make(rng, qtype, n_out, n_in):
