@@ -35,10 +35,11 @@
  * 512-bit register holds 4 consecutive values of row r, so one vpdpbusd
  * with x's matching 4 bytes broadcast adds 4 products to each of 16 rows, 8
  * of them make p[b] for 16 rows, and the float work (a convert, a multiply,
- * an fma) is done once per 16 rows instead of once per row.  vpdpbusd takes
- * unsigned weights, so signed ones are stored as u = wq + off (Q4_0: off 8,
- * which is the nibble itself; Q8_0: off 128) and the sum starts from
- * -off * sum_j q[32 b + j]: the same exact integer p[b].
+ * an fma and for Q4_1 a second fma) is done once per 16 rows instead of
+ * once per row.  vpdpbusd takes unsigned weights, so signed ones are stored
+ * as u = wq + off (Q4_0: off 8, which is the nibble itself; Q8_0: off 128)
+ * and the sum starts from -off * sum_j q[32 b + j]: the same exact integer
+ * p[b].
  * A model in q8 mode keeps a packed copy of each Q4_0, Q4_1 and Q8_0 weight
  * in that lane layout, made once at load (fa_q8_pack_weight; the layout is
  * described above qp_pack_groups).  It holds the file's bytes rearranged, 4-bit
