@@ -31,6 +31,31 @@ size_t fa_row_bytes(int type, int64_t n_in) {
     }
 }
 
+/* ------------------------------------------------------- fork guard */
+
+/* libgomp keeps the threads of a team in a pool.  A child made by fork()
+ * after a team has run inherits the pool's bookkeeping but none of its
+ * threads, and its first region with more than one thread waits for them
+ * forever.  So a process that ran a team records it (team_started), a
+ * forked child of it is marked (fa_team_lose, called from the Python
+ * layer's after-fork hook, fastattn/_fork.py), and from then on every region
+ * runs on the child's one thread: the same numbers (no result depends on the
+ * thread count), slower.  Each compiled module keeps its own copy of these
+ * flags; the hook marks them all. */
+static int team_started;
+static int team_lost;
+
+int fa_team_threads(int n_threads) {
+    if (n_threads <= 1) return 1;
+    if (__atomic_load_n(&team_lost, __ATOMIC_RELAXED)) return 1;
+    __atomic_store_n(&team_started, 1, __ATOMIC_RELAXED);
+    return n_threads;
+}
+
+int fa_team_started(void) { return __atomic_load_n(&team_started, __ATOMIC_RELAXED); }
+
+void fa_team_lose(void) { __atomic_store_n(&team_lost, 1, __ATOMIC_RELAXED); }
+
 /* ------------------------------------------------------- half table */
 
 float fa_f16_table[65536];

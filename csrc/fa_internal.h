@@ -192,6 +192,14 @@ void fa_q8_quantize_cols(const float *x, int64_t n_in, int64_t n_seq, int64_t b0
  * tests can compare it with the VNNI kernels. */
 int fa_q8_amx_available(void);
 void fa_q8_set_amx(int on);
+/* 1 if the q8 kernels run prefills on AMX now (available and not switched off) */
+int fa_q8_amx_in_use(void);
+
+/* The threads a parallel region may use: n_threads, or 1 in a child forked
+ * after this process ran a team (see dispatch.c). */
+int fa_team_threads(int n_threads);
+int fa_team_started(void);
+void fa_team_lose(void);
 
 /* Rows of w a range should hold to keep the kernels at full speed (a
  * multiple of 16): the float path's decode runs several panels side by side. */

@@ -1046,7 +1046,7 @@ int fa_forward(const fa_model *m, fa_state *s, const int32_t *ids, int64_t n_seq
         if (ids[t] < 0 || ids[t] >= m->n_vocab) return FA_ERR_BAD_ID;
     if (s->n_past < 0 || s->n_past > s->n_ctx || n_seq > s->n_ctx - s->n_past)
         return FA_ERR_OVERFLOW;
-    if (n_threads < 1) n_threads = 1;
+    n_threads = fa_team_threads(n_threads);
 #ifdef _OPENMP
     /* the region may get fewer threads than asked; every per-thread array
      * below is sized for n_threads, which bounds it */

@@ -258,7 +258,7 @@ void fa_matmul_share(int act, const fa_weight *w, int ith, int nth, int64_t *r0,
 
 void fa_parallel_matmul(const fa_weight *w, const float *x, float *y, int64_t n_seq,
                         int n_threads) {
-    if (n_threads < 1) n_threads = 1;
+    n_threads = fa_team_threads(n_threads);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads)
     fa_matmul(w, x, y, n_seq, omp_get_thread_num(), omp_get_num_threads());

@@ -524,7 +524,7 @@ void fa_attention_merge(const float *part, float *out, int64_t n_seq, int64_t po
 void fa_parallel_attention(const float *q, const float *k, const float *v, float *out,
                            int64_t n_seq, int64_t pos0, int n_head, int n_kv_head,
                            int head_dim, int64_t n_ctx, int n_threads) {
-    if (n_threads < 1) n_threads = 1;
+    n_threads = fa_team_threads(n_threads);
     float unused;  /* fa_attention keeps its scores on its own stack (see above) */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads)

@@ -1023,6 +1023,14 @@ void fa_q8_set_amx(int on) {
 #endif
 }
 
+int fa_q8_amx_in_use(void) {
+#ifdef HAVE_AMX
+    return amx_usable();
+#else
+    return 0;
+#endif
+}
+
 int fa_q8_amx_available(void) {
 #ifdef HAVE_AMX
     return amx_supported();
@@ -1270,7 +1278,7 @@ void fa_matmul_act(int act, const fa_weight *w, const float *x, float *y, int64_
 
 void fa_parallel_matmul_act(int act, const fa_weight *w, const float *x, float *y,
                             int64_t n_seq, int n_threads) {
-    if (n_threads < 1) n_threads = 1;
+    n_threads = fa_team_threads(n_threads);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads)
     fa_matmul_act(act, w, x, y, n_seq, omp_get_thread_num(), omp_get_num_threads());

@@ -34,6 +34,50 @@ from .errors import ContextOverflowError, FastAttnError, OutOfMemoryError, Token
 cnp.import_array()
 
 
+cdef extern from "fastattn.h" nogil:
+    int fa_simd_level()
+    int fa_set_simd_level(int level)
+
+
+cdef extern from "fa_internal.h" nogil:
+    void fa_q8_set_amx(int on)
+    int fa_q8_amx_in_use()
+    int fa_team_started()
+    void fa_team_lose()
+
+
+# This module is built from the same C files as fastattn._kernels and keeps
+# its own copy of their runtime switches; _kernels.set_simd_level and
+# _kernels.set_q8_amx call these so that the two move together.
+
+def _simd_level():
+    return fa_simd_level()
+
+
+def _set_simd_level(int level):
+    return fa_set_simd_level(level)
+
+
+def _set_q8_amx(int on):
+    fa_q8_set_amx(on)
+
+
+def _q8_amx_in_use():
+    return bool(fa_q8_amx_in_use())
+
+
+def _team_started():
+    return bool(fa_team_started())
+
+
+def _lose_team():
+    fa_team_lose()
+
+
+from . import _fork  # noqa: E402
+_fork.register()
+
+
 cdef extern from "model.h" nogil:
     ctypedef struct fa_weight:
         const void *data

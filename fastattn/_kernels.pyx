@@ -82,11 +82,37 @@ cdef extern from "model.h" nogil:
 cdef extern from "fa_internal.h" nogil:
     int fa_q8_amx_available()
     void fa_q8_set_amx(int on)
+    int fa_q8_amx_in_use()
+    int fa_team_threads(int n_threads)
+    int fa_team_started()
+    void fa_team_lose()
     ctypedef struct fa_kernels:
         void (*to_f16)(uint16_t *dst, const float *src, int64_t n) noexcept nogil
     const fa_kernels *fa_kernels_current()
 
 SIMD_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
+
+
+def _engine():
+    """fastattn._engine, the model's compiled core.  It is built from the
+    same C files as this module and so holds its own copy of every runtime
+    switch (the SIMD level, the AMX switch); the setters here move both."""
+    from . import _engine as engine
+    return engine
+
+
+def _team_started():
+    """True if this module has run a parallel region with more than one thread."""
+    return bool(fa_team_started())
+
+
+def _lose_team():
+    """Run every parallel region on one thread from now on (fastattn/_fork.py)."""
+    fa_team_lose()
+
+
+from . import _fork  # noqa: E402
+_fork.register()
 
 # ------------------------------------------------------------------ checks
 
@@ -99,7 +125,7 @@ cdef int _threads(n_threads) except -1:
         raise ValueError(f"n_threads: expected a positive int, got {n_threads!r}")
     if n_threads < 1 or n_threads > 256:  # fastattn.model.MAX_THREADS, and why
         raise ValueError(f"n_threads: expected 1 .. 256, got {n_threads}")
-    return n_threads
+    return fa_team_threads(n_threads)  # 1 in a forked child (fastattn/_fork.py)
 
 
 cdef cnp.ndarray _f32(a, str name, int ndim):
@@ -356,8 +382,16 @@ def q8_amx_available():
 
 def set_q8_amx(on):
     """Let the q8 kernels use AMX-INT8 where available (on, the default), or
-    keep them on the VNNI tiles; the numbers are the same either way."""
+    keep them on the VNNI tiles; the numbers are the same either way.  Applies
+    to the kernels here and to the model engine alike."""
     fa_q8_set_amx(1 if on else 0)
+    _engine()._set_q8_amx(1 if on else 0)
+
+
+def q8_amx_in_use():
+    """True if the q8 kernels run a prefill's products on AMX now (available,
+    and not switched off by set_q8_amx)."""
+    return bool(fa_q8_amx_in_use())
 
 
 def quantize_act_q8(x):
@@ -615,13 +649,18 @@ def simd_name(level=None):
 
 def set_simd_level(level):
     """Use `level` ("generic", "avx2", "avx512" or 0/1/2), capped at what the CPU
-    supports; returns the level now in use."""
+    supports; returns the level now in use.  It applies to these kernels and
+    to the model engine alike.  A model lays its weights out at build for the
+    level then in use (fastattn/_engine.pyx), so a model built after this call
+    runs as one in a process started at that level (FASTATTN_SIMD) would."""
     if isinstance(level, str):
         if level not in SIMD_LEVELS:
             raise ValueError(f"level: expected one of {sorted(SIMD_LEVELS)}, got {level!r}")
         level = SIMD_LEVELS[level]
     cdef int lv = _as_int(level, "level", 0, 2)
-    return fa_set_simd_level(lv)
+    got = fa_set_simd_level(lv)
+    _engine()._set_simd_level(lv)  # the model's engine holds its own copy
+    return got
 
 
 def available_simd_levels():

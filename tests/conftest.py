@@ -51,5 +51,7 @@ def level(request):
     before = _K.simd_level()
     got = _K.set_simd_level(request.param)
     assert _K.simd_name(got) == request.param
+    from fastattn import _engine  # the model's copy of the level moves with it
+    assert _engine._simd_level() == got
     yield request.param
     _K.set_simd_level(before)

@@ -12,6 +12,9 @@
   the GIL      a pure-Python counter thread keeps counting while a long
                prefill runs in C; during a C call that holds the GIL (re.sub)
                it does not, which shows the measurement can tell them apart.
+  fork         a child forked after the parent ran 2-thread forwards (what
+               multiprocessing does by default on Linux) runs the same model
+               and kernels to the parent's bits instead of hanging in libgomp.
   Ctrl-C       `fastattn generate` on a terminal (a pty): Ctrl-C after the
                first output prints what was generated, the timings, exits 130,
                no traceback.  In-process: how long a SIGINT takes to become a
@@ -178,6 +181,52 @@ def test_smollm2_eight_threads_match_the_serial_run(smollm2_path):
 
 
 # ---------------------------------------------------------------- one state
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_a_forked_child_runs_instead_of_hanging(small):
+    """libgomp cannot follow fork(): a child's first region with several
+    threads waits forever for the parent's pool.  fastattn runs the child's
+    regions on one thread instead (fastattn/_fork.py); the numbers are the
+    parent's, since no result depends on the thread count."""
+    from fastattn import _kernels
+    config, model = small
+    ids = random_ids(config, 21, seed=4)
+    want = model.forward(ids)                      # a 2-thread team has run
+    rng = np.random.default_rng(5)
+    w = random_weights(config, qtype=Q4_1, seed=6)["blk.0.ffn_up.weight"]
+    x = rng.standard_normal((9, w.shape[1])).astype(np.float32)
+    want_mm = _kernels.matmul(w, x, n_threads=2)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        status = 1
+        try:
+            os.close(read_fd)
+            got = model.forward(ids)
+            got_mm = _kernels.matmul(w, x, n_threads=2)
+            ok = np.array_equal(got, want) and np.array_equal(got_mm, want_mm)
+            os.write(write_fd, b"same" if ok else b"different")
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.05)
+    with os.fdopen(read_fd, "rb") as f:
+        said = f.read()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert said == b"same"
+    # the parent keeps its threads
+    np.testing.assert_array_equal(model.forward(ids), want)
+
 
 def test_a_state_in_two_threads_is_refused(small):
     """While one thread runs a prefill, another thread's use of that state is

@@ -504,6 +504,49 @@ def test_simd_env_cap():
         assert out.stdout.strip() == name
 
 
+_LEVEL_MODEL = """
+import hashlib, sys
+from fastattn import _kernels as K
+from fastattn.model import Transformer
+from fastattn.testing import random_config, random_ids, random_weights
+from fastattn.weights import Q4_1
+c = random_config("llama", n_embd=64, n_head=4, n_kv_head=2, n_ff=96, n_vocab=77)
+for level in sys.argv[1:] or [None]:
+    if level:
+        K.set_simd_level(level)
+    m = Transformer(c, random_weights(c, Q4_1, seed=0), n_threads=2)
+    print(hashlib.sha1(m.forward(random_ids(c, 20, seed=1)).tobytes()).hexdigest())
+"""
+
+
+def test_set_simd_level_reaches_the_model():
+    """The model's engine is built from the same C files as the kernels module
+    and keeps its own copy of the level; set_simd_level moves both, so a
+    model built after it gives the bits of a process started at that level."""
+    import os
+    import subprocess
+    import sys
+    run = lambda args, env: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", _LEVEL_MODEL, *args], capture_output=True, text=True,
+        env={**os.environ, **env}, check=True).stdout.split()
+    switched = run(LEVELS, {})
+    started = [run([], {"FASTATTN_SIMD": name})[0] for name in LEVELS]
+    assert switched == started
+    if len(LEVELS) > 1:  # the float path rounds differently by level, so this can tell
+        assert len(set(started)) > 1
+
+
+def test_set_q8_amx_reaches_the_model():
+    from fastattn import _engine
+    try:
+        K.set_q8_amx(False)
+        assert not K.q8_amx_in_use() and not _engine._q8_amx_in_use()
+        K.set_q8_amx(True)
+        assert K.q8_amx_in_use() == _engine._q8_amx_in_use() == K.q8_amx_available()
+    finally:
+        K.set_q8_amx(True)
+
+
 def test_errors_are_fastattn_or_value_errors():
     with pytest.raises((FastAttnError, ValueError)):
         K.matmul(("x", W.F32, (1, 1)), np.zeros((1, 1), np.float32))
